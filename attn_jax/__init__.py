@@ -1,0 +1,1 @@
+"""attn_jax: attention-based image classifiers (PatchConvNet, EANet, ViT) in JAX/Flax."""

@@ -1,0 +1,150 @@
+"""PatchConvNet as built by the Keras tutorial "Augmenting convnets with aggregated attention".
+
+Touvron et al., "Augmenting convolutional networks with attention-based aggregation" (2021), in the
+simplified form of the keras-io `patch_convnet` example (CIFAR-10, 2,174,986 trainable parameters):
+
+    image [B, 48, 48, 3]
+      -> ConvStem: 3x3/2 conv + GELU (d/2), 3x3/2 conv + GELU (d)       -> [B, 12, 12, d]
+      -> Trunk: `depth` x  x + Conv1x1(SE(GELU(Conv3x3(GELU(Conv1x1(LN(x)))))))
+      -> flatten                                                         -> [B, 144, d]
+      -> AttentionPooling: class token attends to [cls; patches]         -> [B, d]
+      -> Dense head                                                      -> logits [B, classes]
+
+Differences from the paper (implemented in `patch_convnet.py`): a two-conv stem with biases, a full
+(not depthwise) 3x3 conv, squeeze-excite by Dense layers without bias at ratio 1/8, no layer-scale or
+drop-path, a LayerNorm over [cls; patches] before attention, and a Dense-GELU-Dense-GELU class MLP.
+Initialisers follow Keras (Glorot-uniform kernels, zero biases, zero class token) and GELU is exact
+(erf), as in `tf.nn.gelu`.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+gelu = functools.partial(nn.gelu, approximate=False)
+glorot = nn.initializers.xavier_uniform()
+
+
+class ConvStem(nn.Module):
+    """Two 3x3 stride-2 convs with bias and GELU: [B, H, W, 3] -> [B, H/4, W/4, dim]."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for features in (self.dim // 2, self.dim):
+            x = nn.Conv(features, (3, 3), strides=2, padding="SAME", kernel_init=glorot,
+                        dtype=self.dtype)(x)
+            x = gelu(x)
+        return x
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gating by the global mean: [B, H, W, C] -> [B, H, W, C] (Dense layers, no bias)."""
+
+    ratio: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = nn.relu(nn.Dense(channels // self.ratio, use_bias=False, kernel_init=glorot,
+                             dtype=self.dtype, name="reduce")(s))
+        s = nn.sigmoid(nn.Dense(channels, use_bias=False, kernel_init=glorot, dtype=self.dtype,
+                                name="expand")(s))
+        return x * s
+
+
+class TrunkBlock(nn.Module):
+    """x + Conv1x1(SE(GELU(Conv3x3(GELU(Conv1x1(LN(x))))))): [B, H, W, d] -> [B, H, W, d]."""
+
+    se_ratio: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        conv = functools.partial(nn.Conv, dim, padding="SAME", kernel_init=glorot,
+                                 dtype=self.dtype)
+        y = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32)(x)
+        y = gelu(conv((1, 1))(y))
+        y = gelu(conv((3, 3))(y))
+        y = SqueezeExcite(self.se_ratio, dtype=self.dtype)(y)
+        y = conv((1, 1))(y)
+        return x + y
+
+
+class AttentionPooling(nn.Module):
+    """A learnable class token attends to the patches: [B, N, d] -> (cls [B, d], attn [B, N]).
+
+    One-head attention with Keras' MultiHeadAttention layout (query/key/value projections to
+    `[1 head, d]` with bias, output projection back to d); the query is the class token only, the
+    keys and values are [cls; patches]. `attn` is the class token's softmax weight on each patch
+    before attention dropout, with its weight on itself dropped and the rest renormalised to sum to
+    1 (the tutorial plots the unnormalised slice; a colormap rescales it, so the picture is the same).
+    """
+
+    attention_dropout: float
+    mlp_dropout: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, patches, *, train: bool):
+        batch, _, dim = patches.shape
+        layer_norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=jnp.float32)
+        dense = functools.partial(nn.Dense, dim, kernel_init=glorot, dtype=self.dtype)
+        proj = functools.partial(nn.DenseGeneral, (1, dim), kernel_init=glorot, dtype=self.dtype)
+
+        cls = self.param("cls_token", nn.initializers.zeros, (1, 1, dim), jnp.float32)
+        cls = jnp.broadcast_to(cls, (batch, 1, dim))
+        x = layer_norm()(jnp.concatenate([cls, patches.astype(jnp.float32)], axis=1))
+
+        q = proj(name="query")(x[:, :1])  # [B, 1, heads=1, d]
+        k = proj(name="key")(x)  # [B, N + 1, 1, d]
+        v = proj(name="value")(x)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(dim).astype(q.dtype)
+        weights = nn.softmax(scores.astype(jnp.float32), axis=-1)  # [B, 1, 1, N + 1]
+        dropped = nn.Dropout(self.attention_dropout)(weights, deterministic=not train)
+        attended = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(v.dtype), v)
+        attended = nn.DenseGeneral(dim, axis=(-2, -1), kernel_init=glorot, dtype=self.dtype,
+                                   name="out")(attended)  # [B, 1, d]
+
+        cls = layer_norm()(cls + attended)[:, 0]  # [B, d]
+        cls = layer_norm()(cls)
+        mlp = gelu(dense()(cls))
+        mlp = nn.Dropout(self.mlp_dropout)(mlp, deterministic=not train)
+        cls = cls + gelu(dense()(mlp))
+        on_patches = weights[:, 0, 0, 1:]
+        return cls, on_patches / jnp.sum(on_patches, axis=-1, keepdims=True)
+
+
+class PatchConvNetTutorial(nn.Module):
+    """The tutorial's PatchConvNet: images [B, H, W, 3] -> (logits [B, classes], attn [B, N]).
+
+    N = (H/4) * (W/4) patches: 144 for the tutorial's 48x48 inputs.
+    """
+
+    num_classes: int
+    dim: int
+    depth: int
+    se_ratio: int
+    attention_dropout: float
+    mlp_dropout: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, *, train: bool):
+        x = ConvStem(self.dim, dtype=self.dtype)(images)
+        for _ in range(self.depth):
+            x = TrunkBlock(self.se_ratio, dtype=self.dtype)(x)
+        patches = x.reshape(x.shape[0], -1, self.dim)
+        cls, attention = AttentionPooling(self.attention_dropout, self.mlp_dropout,
+                                          dtype=self.dtype)(patches, train=train)
+        logits = nn.Dense(self.num_classes, kernel_init=glorot, dtype=jnp.float32,
+                          name="head")(cls)
+        return logits, attention
