@@ -1,0 +1,278 @@
+"""PatchConvNet as in the paper and its official PyTorch code (S60 ... L120).
+
+Touvron et al., "Augmenting convolutional networks with attention-based aggregation" (2021,
+arXiv 2112.13692), following `patchconvnet_models.py` of facebookresearch/deit:
+
+    image [B, H, W, 3]
+      -> ConvStem: `stem_convs` x 3x3/2 conv (no bias), GELU between them  -> [B, H/16, W/16, d]
+      -> Trunk: `depth` x  x + drop_path(layer_scale * ConvBlock(LN(x)))     -> [B, H/16, W/16, d]
+      -> flatten                                                             -> [B, N, d]
+      -> ClassAttentionBlock: a learned class token attends to [cls; patches] -> [B, d]
+      -> LayerNorm, Dense head                                               -> logits [B, classes]
+
+(the sizes above are for the paper's four stem convs; with `stem_convs = s` the grid is H/2^s).
+
+Details taken from the official code, and the choices made where it leaves room:
+
+- GELU is exact (erf), as PyTorch's `nn.GELU()` default; squeeze-excite uses ReLU and a sigmoid gate
+  with round(d / 4) reduced channels (timm `SqueezeExcite(dim, rd_ratio=0.25)`).
+- Every LayerNorm has eps 1e-6 (`norm_layer=partial(nn.LayerNorm, eps=1e-6)`), including the two
+  of the class-attention block and the final one. The official code normalises [cls; patches] and
+  keeps the class token; a LayerNorm acts per token, so normalising the class token alone is the
+  same.
+- Class attention: q from the normalised class token only, k and v from the normalised
+  [cls; patches], separate Q/K/V linears with bias (`qkv_bias=True` in every variant), scale
+  head_dim^-0.5 with one head, then an output projection `proj` (Dense d -> d with bias). The
+  class MLP is Dense(mlp_ratio * d) -> GELU -> Dense(d). Its dropouts (`drop_rate`) and its
+  drop-path are 0 in the official code for every variant and are not exposed here; attention
+  dropout is.
+- Drop-path has the same rate in every trunk block (`dpr_constant=True`), is per sample, scales the
+  kept samples by 1 / keep_prob, and draws from the "dropout" rng stream.
+- Initialisation: Dense kernels and the class token truncated-normal with std 0.02, Dense biases
+  zero, LayerNorm scale 1 / bias 0, layer-scales `layer_scale_init`. timm's `trunc_normal_(std=.02)`
+  truncates at absolute +-2 (i.e. +-100 std: in effect an untruncated normal); Flax's
+  `truncated_normal(0.02)` truncates at +-2 std and rescales to std 0.02 -- a negligible difference,
+  chosen to avoid the erfinv overflow of very wide bounds. The official code does not re-initialise
+  convs, so they keep PyTorch's `nn.Conv2d` default, reproduced here: kernel
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming-uniform with a = sqrt(5)) and bias
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_channels / groups * kh * kw.
+- Convs pad 1 on every side as PyTorch does (224 -> 112 -> 56 -> 28 -> 14), not "SAME" (which pads
+  (0, 1) for a stride-2 conv on an even size).
+- Mixed precision (a choice; the official code trains in float32 with autocast): convs and Dense
+  layers compute in `dtype`, LayerNorm, softmax and the logits in float32, and the residual streams
+  (trunk and class token) stay in float32 -- in bfloat16 a 1e-6 layer-scaled update would be rounded
+  away against an O(1) residual.
+- The attention map returned is the class token's softmax weights over the N patches before
+  attention dropout, its weight on itself dropped and the rest renormalised to sum to 1.
+"""
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+gelu = functools.partial(nn.gelu, approximate=False)
+trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+# PyTorch nn.Conv2d default: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_conv_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_conv_bias(fan_in: int):
+    """PyTorch nn.Conv2d default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def torch_conv(features: int, kernel: int, in_features: int, *, stride: int = 1,
+               groups: int = 1, use_bias: bool = True, dtype: Dtype, name: str | None = None):
+    """An `nn.Conv` with PyTorch's padding (kernel // 2 each side) and default initialisation."""
+    fan_in = in_features // groups * kernel * kernel
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+                   feature_group_count=groups, use_bias=use_bias, kernel_init=torch_conv_kernel,
+                   bias_init=torch_conv_bias(fan_in), dtype=dtype, name=name)
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnable scale `layer_scale` (init `init_value`): [..., d] -> [..., d] (f32)."""
+
+    init_value: float
+
+    @nn.compact
+    def __call__(self, x):
+        gamma = self.param("layer_scale", nn.initializers.constant(self.init_value),
+                           (x.shape[-1],), jnp.float32)
+        return gamma * x.astype(jnp.float32)
+
+
+class ConvStem(nn.Module):
+    """`num_convs` 3x3 stride-2 convs without bias, GELU between them:
+    [B, H, W, 3] -> [B, H / 2^n, W / 2^n, dim] (float32).
+
+    Channels are the last `num_convs` of (dim/8, dim/4, dim/2, dim), as in the official 4-conv stem.
+    """
+
+    dim: int
+    num_convs: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        widths = [self.dim // 2 ** (self.num_convs - 1 - i) for i in range(self.num_convs)]
+        in_features = x.shape[-1]
+        for i, features in enumerate(widths):
+            if i:
+                x = gelu(x)
+            x = torch_conv(features, 3, in_features, stride=2, use_bias=False, dtype=self.dtype)(x)
+            in_features = features
+        return x.astype(jnp.float32)
+
+
+class SqueezeExcite(nn.Module):
+    """timm SqueezeExcite(rd_ratio=0.25): x * sigmoid(conv(relu(conv(mean_hw(x))))):
+    [B, H, W, C] -> [B, H, W, C]."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        reduced = round(channels * 0.25)
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = nn.relu(torch_conv(reduced, 1, channels, dtype=self.dtype, name="reduce")(s))
+        s = nn.sigmoid(torch_conv(channels, 1, reduced, dtype=self.dtype, name="expand")(s))
+        return x * s
+
+
+class TrunkBlock(nn.Module):
+    """x + drop_path(layer_scale * F(LN(x))), F = 1x1 conv, GELU, depthwise 3x3 conv, GELU, SE,
+    1x1 conv: [B, H, W, d] -> [B, H, W, d] (float32)."""
+
+    layer_scale_init: float
+    drop_path_rate: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        dim = x.shape[-1]
+        y = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32)(x)
+        y = gelu(torch_conv(dim, 1, dim, dtype=self.dtype)(y))
+        y = gelu(torch_conv(dim, 3, dim, groups=dim, dtype=self.dtype, name="depthwise")(y))
+        y = SqueezeExcite(dtype=self.dtype)(y)
+        y = torch_conv(dim, 1, dim, dtype=self.dtype)(y)
+        y = LayerScale(self.layer_scale_init)(y)
+        # Drop-path: one Bernoulli(keep) per sample, kept samples scaled by 1 / keep.
+        y = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3), name="drop_path")(
+            y, deterministic=not train)
+        return x + y
+
+
+class ClassAttentionBlock(nn.Module):
+    """The official Layer_scale_init_Block_only_token with a learned class token:
+    patches [B, N, d] -> (cls [B, d] float32, attn [B, N] summing to 1).
+
+    u = LN([cls; patches]);  cls += layer_scale * proj(softmax(q(u_cls) k(u)^T / sqrt(d)) v(u));
+    cls += layer_scale * MLP(LN(cls)).
+    """
+
+    mlp_ratio: float
+    layer_scale_init: float
+    attention_dropout: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, patches, *, train: bool):
+        batch, _, dim = patches.shape
+        dense = functools.partial(nn.Dense, kernel_init=trunc_normal,
+                                  bias_init=nn.initializers.zeros, dtype=self.dtype)
+        layer_norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=jnp.float32)
+
+        cls = self.param("cls_token", trunc_normal, (1, 1, dim), jnp.float32)
+        cls = jnp.broadcast_to(cls, (batch, 1, dim))
+        u = layer_norm(name="norm1")(jnp.concatenate([cls, patches.astype(jnp.float32)], axis=1))
+        q = dense(dim, name="query")(u[:, :1])  # [B, 1, d]
+        k = dense(dim, name="key")(u)  # [B, N + 1, d]
+        v = dense(dim, name="value")(u)
+        scores = jnp.einsum("bqd,bkd->bqk", q * (dim ** -0.5), k)
+        weights = nn.softmax(scores.astype(jnp.float32), axis=-1)  # [B, 1, N + 1]
+        dropped = nn.Dropout(self.attention_dropout)(weights, deterministic=not train)
+        attended = jnp.einsum("bqk,bkd->bqd", dropped.astype(v.dtype), v)
+        attended = dense(dim, name="proj")(attended)
+        cls = cls + LayerScale(self.layer_scale_init, name="gamma_1")(attended)
+
+        hidden = int(dim * self.mlp_ratio)
+        mlp = gelu(dense(hidden, name="fc1")(layer_norm(name="norm2")(cls)))
+        mlp = dense(dim, name="fc2")(mlp)
+        cls = cls + LayerScale(self.layer_scale_init, name="gamma_2")(mlp)
+
+        on_patches = weights[:, 0, 1:]
+        return cls[:, 0], on_patches / jnp.sum(on_patches, axis=-1, keepdims=True)
+
+
+class PatchConvNet(nn.Module):
+    """The paper's PatchConvNet: images [B, H, W, 3] -> (logits [B, classes] float32, attn [B, N]).
+
+    N = (H / 2^stem_convs) * (W / 2^stem_convs) patches: 196 for 224x224 and the paper's 4 convs.
+    """
+
+    num_classes: int
+    dim: int
+    depth: int
+    stem_convs: int
+    layer_scale_init: float
+    drop_path_rate: float
+    mlp_ratio: float
+    attention_dropout: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, *, train: bool):
+        x = ConvStem(self.dim, self.stem_convs, dtype=self.dtype, name="stem")(images)
+        for i in range(self.depth):
+            x = TrunkBlock(self.layer_scale_init, self.drop_path_rate, dtype=self.dtype,
+                           name=f"block_{i}")(x, train=train)
+        patches = x.reshape(x.shape[0], -1, self.dim)
+        cls, attention = ClassAttentionBlock(self.mlp_ratio, self.layer_scale_init,
+                                             self.attention_dropout, dtype=self.dtype,
+                                             name="pooling")(patches, train=train)
+        cls = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name="norm")(cls)
+        logits = nn.Dense(self.num_classes, kernel_init=trunc_normal,
+                          bias_init=nn.initializers.zeros, dtype=jnp.float32, name="head")(cls)
+        return logits, attention
+
+
+_PAPER = dict(stem_convs=4, mlp_ratio=3.0)
+# The paper's variants (patch 16, one head). They fix the architecture and its initialisation;
+# num_classes, drop_path_rate, attention_dropout and dtype are the caller's.
+S60 = functools.partial(PatchConvNet, dim=384, depth=60, layer_scale_init=1e-4, **_PAPER)
+S120 = functools.partial(PatchConvNet, dim=384, depth=120, layer_scale_init=1e-6, **_PAPER)
+B60 = functools.partial(PatchConvNet, dim=768, depth=60, layer_scale_init=1e-6, **_PAPER)
+B120 = functools.partial(PatchConvNet, dim=768, depth=120, layer_scale_init=1e-6, **_PAPER)
+L60 = functools.partial(PatchConvNet, dim=1024, depth=60, layer_scale_init=1e-6, **_PAPER)
+L120 = functools.partial(PatchConvNet, dim=1024, depth=120, layer_scale_init=1e-6, **_PAPER)
+VARIANTS = {"S60": S60, "S120": S120, "B60": B60, "B120": B120, "L60": L60, "L120": L120}
+
+
+def forward_macs(model: nn.Module, variables, image_shape: tuple[int, int, int]) -> int:
+    """Multiply-adds of the convolutions and matmuls of one eval forward pass, per image.
+
+    The papers' "FLOPs" convention (fvcore / ptflops style): every conv counts its full kernel at
+    every output position (padding included) and every matmul its full product; element-wise work
+    (GELU, LayerNorm, softmax, biases) is not counted. Computed from the jaxpr of `model.apply` on
+    `jax.ShapeDtypeStruct`s, so nothing is allocated. (XLA's cost analysis, `summary.forward_flops`,
+    counts element-wise ops too: an exact GELU alone costs it 66 FLOPs per element.)
+    """
+    images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    return _jaxpr_macs(closed.jaxpr)
+
+
+def _jaxpr_macs(jaxpr) -> int:
+    """Conv and dot_general multiply-adds of a jaxpr, recursing into sub-jaxprs (scan x length)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        out_size = math.prod(eqn.outvars[0].aval.shape)
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs_shape = eqn.invars[0].aval.shape
+            total += out_size * math.prod(lhs_shape[i] for i in lhs_contract)
+        elif name == "conv_general_dilated":
+            kernel = eqn.invars[1].aval.shape
+            out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += out_size * (math.prod(kernel) // out_features)
+        repeat = eqn.params.get("length", 1) if name == "scan" else 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    total += repeat * _jaxpr_macs(sub)
+    return total
