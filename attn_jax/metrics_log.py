@@ -1,0 +1,79 @@
+"""Run outputs: console lines, `metrics.jsonl`, TensorBoard events, `config.json`, summaries.
+
+Only process 0 writes; the other processes of a multi-host run stay silent.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import ml_collections
+from absl import logging
+from clu import metric_writers
+
+
+def format_duration(seconds: float) -> str:
+    """12345 -> '3h25m45s'."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{hours}h" if hours else "") + (f"{minutes:02d}m" if hours or minutes else "") + \
+        f"{secs:02d}s"
+
+
+class MetricsLog:
+    """Writes scalars as JSON lines and TensorBoard events, and remembers the latest of each."""
+
+    def __init__(self, workdir: Path, config: ml_collections.ConfigDict):
+        self.workdir = Path(workdir)
+        self.is_writer = jax.process_index() == 0
+        self._latest: dict[str, float] = {}
+        if self.is_writer:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self.write_json("config.json", config.to_dict())
+            self._jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115
+        self._tensorboard = metric_writers.create_default_writer(
+            str(self.workdir / "tensorboard"), just_logging=not self.is_writer, asynchronous=False)
+
+    def info(self, message: str) -> None:
+        """A console line (process 0 only)."""
+        if self.is_writer:
+            print(message, flush=True)
+        logging.info(message)
+
+    def write(self, step: int, epoch: int, scalars: dict[str, float]) -> None:
+        """One `metrics.jsonl` line {"step", "epoch", **scalars} and the same TensorBoard scalars."""
+        self._latest.update(scalars)
+        if not self.is_writer:
+            return
+        record = {"step": step, "epoch": epoch, **scalars}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        self._tensorboard.write_scalars(step, scalars)
+
+    def latest(self) -> dict[str, float]:
+        """The most recent value of every scalar written."""
+        return dict(self._latest)
+
+    def epoch_line(self) -> str:
+        """'train loss 1.23 top1 45.6% | val loss ... top1 ... top5 ...' from the latest values."""
+        parts = []
+        for prefix in ("train", "val"):
+            if f"{prefix}/loss" in self._latest:
+                parts.append(f"{prefix} loss {self._latest[prefix + '/loss']:.4f} "
+                             f"top1 {100 * self._latest[prefix + '/top1']:.2f}% "
+                             f"top5 {100 * self._latest[prefix + '/top5']:.2f}%")
+        return " | ".join(parts)
+
+    def write_json(self, name: str, obj: dict) -> None:
+        """`workdir/name` as indented JSON (process 0 only); NaN and infinities become null."""
+        if self.is_writer:
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                     for k, v in obj.items()}
+            (self.workdir / name).write_text(json.dumps(clean, indent=2, default=str) + "\n")
+
+    def close(self) -> None:
+        if self.is_writer:
+            self._jsonl.close()
+        self._tensorboard.close()

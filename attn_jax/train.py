@@ -1,0 +1,296 @@
+"""Training and evaluation: data-parallel `jax.jit` steps over a 1-D device mesh named `data`.
+
+The batch is sharded over `data`, the train state is replicated and its buffers donated; the same
+code runs on one device, on eight, or on a multi-host slice. Reading order:
+`create_learning_rate_fn`, `create_optimizer`, `create_train_state`, `cross_entropy`,
+`train_step`, `eval_step`, `evaluate`, `train_and_evaluate`.
+"""
+
+import functools
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from attn_jax import data, models, preprocess, summary
+from attn_jax.errors import UserError
+from attn_jax.metrics_log import MetricsLog, format_duration
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+TrainState = train_state.TrainState
+Metrics = dict[str, jax.Array]
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh, model, optimizer, state
+# ---------------------------------------------------------------------------------------------
+def create_mesh(devices=None) -> Mesh:
+    """A 1-D mesh named `data` over `devices` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """config.dtype -> dtype: "auto" is bfloat16 on GPU/TPU and float32 on CPU."""
+    if name == "auto":
+        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    if name not in ("float32", "bfloat16"):
+        raise UserError(f"config.dtype is {name!r}: use 'float32', 'bfloat16' or 'auto'")
+    return jnp.dtype(name)
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    """The model named by config.model.name, with the rest of config.model as its fields."""
+    fields = {k: v for k, v in config.model.items() if k != "name"}
+    return models.get_model(config.model.name, num_classes=num_classes,
+                            dtype=compute_dtype(config.dtype), **fields)
+
+
+def create_learning_rate_fn(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """config.optimizer.schedule: "constant", or "warmup_cosine" (linear from 0 over the first
+    `warmup_fraction` of the steps, then cosine to 0 at `total_steps`, as in the tutorial)."""
+    if cfg.schedule == "constant":
+        return optax.constant_schedule(cfg.learning_rate)
+    if cfg.schedule == "warmup_cosine":
+        warmup = int(total_steps * cfg.warmup_fraction)
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
+            decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+    raise UserError(f"config.optimizer.schedule is {cfg.schedule!r}: "
+                    "use 'constant' or 'warmup_cosine'")
+
+
+def _decay_mask(params, exclude) -> object:
+    """True for parameters that get weight decay: all but those with a path component in exclude."""
+    exclude = set(exclude)
+
+    def decays(path, _):
+        return not any(str(getattr(k, "key", k)) in exclude for k in path)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def create_optimizer(cfg: ml_collections.ConfigDict,
+                     schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW with decoupled weight decay, in one of two conventions (config.optimizer.weight_decay_mode):
+
+    - "lr_scaled": p -= lr * (adam + wd * p), as optax.adamw, Keras 3 and PyTorch (EANet tutorial).
+    - "per_step": p -= lr * adam + wd * p, as tensorflow-addons' AdamW with a constant weight decay,
+      which the PatchConvNet tutorial used: the decay does not follow the learning-rate schedule.
+    """
+    mask = functools.partial(_decay_mask, exclude=cfg.weight_decay_exclude)
+    if cfg.weight_decay_mode == "lr_scaled":
+        return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=mask)
+    if cfg.weight_decay_mode == "per_step":
+        return optax.chain(
+            optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+            optax.scale_by_learning_rate(schedule, flip_sign=False),
+            optax.add_decayed_weights(cfg.weight_decay, mask=mask),
+            optax.scale(-1.0))
+    raise UserError(f"config.optimizer.weight_decay_mode is {cfg.weight_decay_mode!r}: "
+                    "use 'lr_scaled' or 'per_step'")
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+                       image_shape: tuple[int, int, int], mesh: Mesh) -> TrainState:
+    """Initialises parameters and optimizer state, replicated over `mesh`."""
+
+    def init(key):
+        images = jnp.zeros((1, *image_shape), jnp.float32)
+        params = model.init(key, images, train=False)["params"]
+        return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+    return jax.jit(init, out_shardings=NamedSharding(mesh, PartitionSpec()))(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
+    """Per-example softmax cross-entropy in float32, with label smoothing: [B, C], [B] -> [B]."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def metric_sums(logits: jax.Array, labels: jax.Array, losses: jax.Array,
+                mask: jax.Array) -> Metrics:
+    """Sums over the real (mask=True) examples: loss, top-1 and top-5 hits, and their count."""
+    mask = mask.astype(jnp.float32)
+    k = min(5, logits.shape[-1])
+    top5 = jax.lax.top_k(logits, k)[1]
+    return {
+        "loss": jnp.sum(losses * mask),
+        "top1": jnp.sum((top5[:, 0] == labels) * mask),
+        "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def means(sums: Metrics) -> dict[str, float]:
+    """Metric sums (fetched to the host) -> means; accuracies are fractions in [0, 1]."""
+    sums = jax.device_get(sums)
+    count = max(float(sums["count"]), 1.0)
+    return {k: float(v) / count for k, v in sums.items() if k != "count"}
+
+
+def train_step(state: TrainState, batch: dict, key: jax.Array, stats, *,
+               config: ml_collections.ConfigDict) -> tuple[TrainState, Metrics]:
+    """One AdamW step on a global batch of uint8 images; returns metric sums over the batch.
+
+    The step's randomness is `fold_in(key, step)`: a resumed run replays the same stream.
+    """
+    augment_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
+    images = preprocess.for_train(batch["images"], augment_key, config.preprocess, stats)
+
+    def loss_fn(params):
+        logits, _ = state.apply_fn({"params": params}, images, train=True,
+                                   rngs={"dropout": dropout_key})
+        losses = cross_entropy(logits, batch["labels"], config.loss.label_smoothing)
+        return jnp.mean(losses), (logits, losses)
+
+    grads, (logits, losses) = jax.grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads)
+    return state, metric_sums(logits, batch["labels"], losses, batch["mask"])
+
+
+def eval_step(state: TrainState, batch: dict, stats, *,
+              config: ml_collections.ConfigDict) -> Metrics:
+    """Metric sums of the model on a padded global batch; padding (mask=False) counts for nothing."""
+    images = preprocess.for_eval(batch["images"], config.preprocess, stats)
+    logits, _ = state.apply_fn({"params": state.params}, images, train=False)
+    losses = cross_entropy(logits, batch["labels"], config.loss.label_smoothing)
+    return metric_sums(logits, batch["labels"], losses, batch["mask"])
+
+
+def jit_steps(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Callable, Callable]:
+    """`train_step` and `eval_step` jitted over `mesh`: batch sharded on `data`, the rest replicated,
+    the train state donated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    train = jax.jit(functools.partial(train_step, config=config),
+                    in_shardings=(replicated, sharded, replicated, replicated),
+                    out_shardings=(replicated, replicated), donate_argnums=0)
+    evaluate_ = jax.jit(functools.partial(eval_step, config=config),
+                        in_shardings=(replicated, sharded, replicated), out_shardings=replicated)
+    return train, evaluate_
+
+
+def evaluate(eval_fn: Callable, state: TrainState, split: data.Split, local_batch: int,
+             mesh: Mesh, stats) -> dict[str, float]:
+    """Mean loss, top-1 and top-5 over every example of `split`, each counted exactly once."""
+    total = None
+    for batch in data.prefetch_to_mesh(data.eval_batches(split, local_batch), mesh):
+        sums = eval_fn(state, batch, stats)
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    return means(total)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}/{k}": v for k, v in metrics.items()}
+
+
+def _check_finite(metrics: dict[str, float], step: int, epoch: int) -> None:
+    if not math.isfinite(metrics["loss"]):
+        raise TrainingDiverged(
+            f"training loss is {metrics['loss']} at step {step} (epoch {epoch}): the run diverged; "
+            "lower config.optimizer.learning_rate or lengthen the warm-up")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None,
+                       ) -> dict[str, float]:
+    """Trains `config` for config.num_epochs, evaluating on the validation split after each epoch
+    and on the test split at the end; writes the outputs listed in the README into `workdir`.
+    Returns the final metrics (also written to `workdir/summary.json`)."""
+    mesh = create_mesh() if mesh is None else mesh
+    workdir = Path(workdir)
+    log = MetricsLog(workdir, config)
+
+    # Input.
+    local_batch = data.local_batch_size(config.batch_size, mesh)
+    local_eval_batch = data.local_batch_size(config.eval_batch_size, mesh)
+    splits = {name: data.load_split(config.dataset, getattr(config.dataset, f"{name}_split"))
+              for name in ("train", "val", "test")}
+    steps_per_epoch = splits["train"].num_examples // config.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"config.batch_size {config.batch_size} is larger than the training split "
+                        f"({splits['train'].num_examples} examples): lower it")
+    total_steps = steps_per_epoch * config.num_epochs
+    stats = None  # per-channel statistics for preprocess.normalize == "standardize"
+
+    # Model and update.
+    data.check_num_classes(config.dataset)
+    model = create_model(config, config.dataset.num_classes)
+    image_shape = (config.preprocess.size, config.preprocess.size, 3)
+    num_params = summary.total_params(model, image_shape)
+    schedule = create_learning_rate_fn(config.optimizer, total_steps)
+    tx = create_optimizer(config.optimizer, schedule)
+    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    state = create_train_state(model, tx, init_key, image_shape, mesh)
+    train_fn, eval_fn = jit_steps(config, mesh)
+    log.info(f"{config.model.name}: {num_params:,} parameters; {steps_per_epoch} steps/epoch x "
+             f"{config.num_epochs} epochs on {mesh.devices.size} device(s) "
+             f"({jax.default_backend()}), global batch {config.batch_size}")
+
+    # Loop.
+    step = int(state.step)
+    rates: list[float] = []
+    sums, interval_start, interval_steps = None, None, 0
+    run_start = time.perf_counter()
+    for epoch in range(step // steps_per_epoch, config.num_epochs):
+        batches = data.train_batches(splits["train"], local_batch, config.dataset.shuffle_buffer,
+                                     config.seed, epoch, start=step % steps_per_epoch)
+        for batch in data.prefetch_to_mesh(batches, mesh, config.dataset.prefetch):
+            state, step_sums = train_fn(state, batch, train_key, stats)
+            sums = step_sums if sums is None else jax.tree.map(jnp.add, sums, step_sums)
+            step += 1
+            if interval_start is None:  # the first step compiles: time from its end on
+                jax.block_until_ready(step_sums)
+                interval_start = time.perf_counter()
+            else:
+                interval_steps += 1
+            if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
+                train_metrics = means(sums)  # the one host sync per log interval
+                _check_finite(train_metrics, step, epoch + 1)
+                if interval_steps:
+                    seconds = time.perf_counter() - interval_start
+                    rates.append(interval_steps * config.batch_size / seconds)
+                log.write(step, epoch + 1, {**_prefixed("train", train_metrics),
+                                            "learning_rate": float(schedule(step - 1))})
+                sums, interval_start, interval_steps = None, time.perf_counter(), 0
+
+        eval_start = time.perf_counter()
+        val = evaluate(eval_fn, state, splits["val"], local_eval_batch, mesh, stats)
+        log.write(step, epoch + 1, _prefixed("val", val))
+        eta = (total_steps - step) * config.batch_size / float(np.median(rates)) if rates else 0
+        log.info(f"epoch {epoch + 1}/{config.num_epochs} step {step}: {log.epoch_line()} | "
+                 f"{np.median(rates) if rates else 0:.0f} img/s | ETA {format_duration(eta)}")
+        if interval_start is not None:  # exclude evaluation from the training throughput
+            interval_start += time.perf_counter() - eval_start
+
+    test = evaluate(eval_fn, state, splits["test"], local_eval_batch, mesh, stats)
+    log.write(step, config.num_epochs, _prefixed("test", test))
+    final = {**log.latest(), "num_params": num_params,
+             "train_images_per_s": float(np.median(rates)) if rates else None,
+             "wall_time_s": time.perf_counter() - run_start}
+    log.info(f"test: loss {test['loss']:.4f} top1 {100 * test['top1']:.2f}% "
+             f"top5 {100 * test['top5']:.2f}%")
+    log.write_json("summary.json", final)
+    log.close()
+    return final

@@ -1,0 +1,77 @@
+r"""The one entry point of attn_jax.
+
+    python launch.py --config=experiments/patch_convnet.py --workdir=DIR [--config.KEY=VALUE ...]
+    python launch.py --config=experiments/patch_convnet.py:smoke --workdir=DIR
+    python launch.py --config=experiments/patch_convnet.py --mode=summary
+"""
+
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from attn_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/x.py[:arg].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "summary"],
+                          "train: train and evaluate; summary: parameter table and FLOPs.")
+flags.mark_flag_as_required("config")
+
+
+def fail(message: str, status: int = 2):
+    """Prints one error line and exits non-zero."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing whose errors (a misspelled --config key among them) are one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(str(e).strip().splitlines()[0])
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        fail(_describe_override_error(argv, e))
+    return []  # unreachable
+
+
+def _describe_override_error(argv: list[str], error: Exception) -> str:
+    text = str(error).replace("\\n", " ").replace("\\'", "'").strip("'\" ")
+    suggestion = re.search(r'Did you mean "([\w.]+)"', text)
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    flag = next((o for o in overrides if o.split(".")[-1] in text), None)
+    if flag and suggestion:
+        return f"{flag}: no such config key (did you mean {suggestion.group(1)!r}?)"
+    if flag:
+        return f"{flag}: no such config key or a bad value ({text})"
+    return f"bad --config: {text}"
+
+
+def main(argv: list[str]) -> None:
+    logging.set_verbosity(logging.WARNING)  # the console gets attn_jax's own lines
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}: every option is a --flag")
+    config = _CONFIG.value
+    try:
+        if _MODE.value == "summary":
+            from attn_jax.commands import summarize
+
+            summarize(config)
+        elif _MODE.value == "train":
+            if not _WORKDIR.value:
+                fail("--workdir is required for --mode=train")
+            from attn_jax.train import TrainingDiverged, train_and_evaluate
+
+            try:
+                train_and_evaluate(config, _WORKDIR.value)
+            except TrainingDiverged as e:
+                fail(str(e), status=1)
+    except UserError as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

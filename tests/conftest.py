@@ -1,0 +1,59 @@
+"""Test setup: 8 fake CPU devices, so every test exercises the multi-device path."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TFDS = ROOT.parent / "shared" / "tfds"
+
+
+def load_experiment(name: str, arg: str | None = None):
+    """`get_config(arg)` of experiments/<name>.py, as launch.py would load it."""
+    spec = importlib.util.spec_from_file_location(f"exp_{name}", ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def tiny_patch_convnet_config(**overrides):
+    """The tutorial experiment shrunk for tests: 16x16 inputs, dim 16, batch 16, one epoch."""
+    config = load_experiment("patch_convnet")
+    config.dataset.download = True  # tfds.testing.mock_data fakes the download
+    config.batch_size = 16
+    config.eval_batch_size = 16
+    config.num_epochs = 1
+    config.log_every_steps = 2
+    config.preprocess.size = 16
+    config.preprocess.train_resize = 18
+    config.preprocess.crop = 16
+    config.model.dim = 16
+    config.model.depth = 1
+    config.model.se_ratio = 4
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+@pytest.fixture
+def tiny_config():
+    return tiny_patch_convnet_config
+
+
+@pytest.fixture(scope="session")
+def shared_cifar10() -> Path:
+    """../shared/tfds holding a prepared cifar10 train split, or skip."""
+    if not (SHARED_TFDS / "cifar10").is_dir():
+        pytest.skip(f"real CIFAR-10 not available: {SHARED_TFDS}/cifar10 is absent "
+                    "(it sits beside the project in attn_jax's development setup)")
+    return SHARED_TFDS

@@ -1,0 +1,70 @@
+"""Device-side preprocessing: crops stay inside the image, flips flip, evaluation is deterministic."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from attn_jax import augment, preprocess
+
+
+def _cfg(**kw):
+    base = dict(size=8, train_resize=8, crop=0, flip=False, rotation=0.0, contrast=0.0, zoom=0.0,
+                normalize="rescale")
+    return ml_collections.ConfigDict({**base, **kw})
+
+
+def _images(n=4, size=8):
+    return jax.random.randint(jax.random.key(0), (n, size, size, 3), 0, 256).astype(jnp.uint8)
+
+
+def test_random_crop_is_a_window_of_the_image():
+    image = jnp.arange(10 * 10 * 1, dtype=jnp.float32).reshape(10, 10, 1)
+    for seed in range(20):
+        crop = augment.random_crop(image, jax.random.key(seed), 6)
+        top, left = int(crop[0, 0, 0]) // 10, int(crop[0, 0, 0]) % 10
+        assert 0 <= top <= 4 and 0 <= left <= 4
+        np.testing.assert_array_equal(crop, image[top:top + 6, left:left + 6])
+
+
+def test_random_flip_is_identity_or_mirror_and_both_occur():
+    image = jax.random.uniform(jax.random.key(0), (5, 7, 3))
+    outcomes = set()
+    for seed in range(20):
+        out = augment.random_flip(image, jax.random.key(seed))
+        if jnp.array_equal(out, image):
+            outcomes.add("same")
+        else:
+            np.testing.assert_array_equal(out, image[:, ::-1])
+            outcomes.add("mirror")
+    assert outcomes == {"same", "mirror"}
+
+
+def test_train_crops_differ_per_example_and_per_key():
+    images = jnp.broadcast_to(_images(1, 8), (4, 8, 8, 3))  # 4 copies of one image
+    cfg = _cfg(train_resize=12, crop=8, flip=True)
+    out = preprocess.for_train(images, jax.random.key(0), cfg)
+    assert out.shape == (4, 8, 8, 3)
+    assert len({np.asarray(o).tobytes() for o in out}) > 1  # one key per example
+    again = preprocess.for_train(images, jax.random.key(0), cfg)
+    np.testing.assert_array_equal(out, again)
+
+
+def test_eval_preprocessing_is_deterministic_rescale_and_resize():
+    images = _images(2, 8)
+    cfg = _cfg(size=12)
+    out = preprocess.for_eval(images, cfg)
+    assert out.shape == (2, 12, 12, 3)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    np.testing.assert_array_equal(out, preprocess.for_eval(images, cfg))
+    np.testing.assert_allclose(preprocess.for_eval(images, _cfg(size=8)), images / 255.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", ["rescale", "standardize"])
+def test_training_equals_eval_with_random_steps_off(normalize):
+    stats = {"mean": jnp.array([120.0, 110.0, 100.0]), "std": jnp.array([60.0, 55.0, 50.0])}
+    images = _images(3, 8)
+    cfg = _cfg(size=10, normalize=normalize)
+    np.testing.assert_allclose(preprocess.for_train(images, jax.random.key(1), cfg, stats),
+                               preprocess.for_eval(images, cfg, stats), rtol=1e-6)
