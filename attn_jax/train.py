@@ -21,7 +21,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from attn_jax import data, models, preprocess, summary
+from attn_jax import data, models, preprocess, summary, weight_decay
 from attn_jax.errors import UserError
 from attn_jax.metrics_log import MetricsLog, format_duration
 
@@ -73,16 +73,6 @@ def create_learning_rate_fn(cfg: ml_collections.ConfigDict, total_steps: int) ->
                     "use 'constant' or 'warmup_cosine'")
 
 
-def _decay_mask(params, exclude) -> object:
-    """True for parameters that get weight decay: all but those with a path component in exclude."""
-    exclude = set(exclude)
-
-    def decays(path, _):
-        return not any(str(getattr(k, "key", k)) in exclude for k in path)
-
-    return jax.tree_util.tree_map_with_path(decays, params)
-
-
 def create_optimizer(cfg: ml_collections.ConfigDict,
                      schedule: optax.Schedule) -> optax.GradientTransformation:
     """AdamW with decoupled weight decay, in one of two conventions (config.optimizer.weight_decay_mode):
@@ -91,7 +81,7 @@ def create_optimizer(cfg: ml_collections.ConfigDict,
     - "per_step": p -= lr * adam + wd * p, as tensorflow-addons' AdamW with a constant weight decay,
       which the PatchConvNet tutorial used: the decay does not follow the learning-rate schedule.
     """
-    mask = functools.partial(_decay_mask, exclude=cfg.weight_decay_exclude)
+    mask = functools.partial(weight_decay.decay_mask, exclude=cfg.weight_decay_exclude)
     if cfg.weight_decay_mode == "lr_scaled":
         return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=mask)

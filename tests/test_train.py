@@ -1,0 +1,141 @@
+"""The training harness end to end under tfds.testing.mock_data, on 8 fake CPU devices."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+
+from attn_jax import data, train
+from attn_jax.errors import UserError
+
+
+def test_train_and_evaluate_writes_every_output(tmp_path, tiny_config):
+    config = tiny_config()
+    with tfds.testing.mock_data(num_examples=48):
+        final = train.train_and_evaluate(config, str(tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*records)
+    for key in ("step", "epoch", "train/loss", "train/top1", "train/top5", "learning_rate",
+                "val/loss", "val/top1", "val/top5", "test/loss", "test/top1", "test/top5"):
+        assert key in keys, key
+    assert [r["step"] for r in records if "train/loss" in r] == [2, 3]  # 48 // 16 = 3 steps
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["dim"] == 16
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_params"] == final["num_params"] > 0
+    assert 0.0 <= summary["test/top1"] <= summary["test/top5"] <= 1.0
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _run_steps(config, mesh, batches):
+    """Losses of consecutive train steps on `mesh`, from the same initial state."""
+    model = train.create_model(config, 10)
+    schedule = train.create_learning_rate_fn(config.optimizer, 10)
+    tx = train.create_optimizer(config.optimizer, schedule)
+    state = train.create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh)
+    train_fn, eval_fn = train.jit_steps(config, mesh)
+    losses = []
+    for batch in batches:
+        state, sums = train_fn(state, data.to_global(batch, mesh), jax.random.key(1), None)
+        losses.append(float(sums["loss"]) / float(sums["count"]))
+    final_eval = train.means(eval_fn(state, data.to_global(batches[0], mesh), None))
+    return losses, final_eval
+
+
+def test_eight_devices_match_one_device(tiny_config):
+    assert jax.device_count() == 8, "conftest.py fakes 8 CPU devices"
+    config = tiny_config()
+    rng = np.random.default_rng(0)
+    batches = [{"images": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+                "labels": rng.integers(0, 10, 16).astype(np.int32),
+                "mask": np.ones(16, bool)} for _ in range(3)]
+    one_losses, one_eval = _run_steps(config, train.create_mesh(jax.devices()[:1]), batches)
+    eight_losses, eight_eval = _run_steps(config, train.create_mesh(), batches)
+    np.testing.assert_allclose(eight_losses, one_losses, rtol=2e-5)
+    assert one_losses[2] != one_losses[0]  # the steps did update the model
+    np.testing.assert_allclose(eight_eval["loss"], one_eval["loss"], rtol=2e-5)
+
+
+def test_evaluation_counts_every_example_once(tiny_config):
+    config = tiny_config()
+    with tfds.testing.mock_data(num_examples=37):  # 37 = 2 full batches of 16 + 5
+        split = data.load_split(config.dataset, "test")
+        batches = list(data.eval_batches(split, 16))
+    assert [int(b["mask"].sum()) for b in batches] == [16, 16, 5]
+    assert all(len(b["labels"]) == 16 for b in batches)  # padded: one compiled shape
+    labels = np.concatenate([b["labels"][b["mask"]] for b in batches])
+    assert len(labels) == 37
+
+    # The masked metric sums ignore whatever sits in the padding.
+    logits = jax.nn.one_hot(jnp.array([1, 2, 3, 0]), 10)
+    labels = jnp.array([1, 2, 0, 0])
+    mask = jnp.array([True, True, True, False])  # the last example is padding
+    sums = train.metric_sums(logits, labels, jnp.ones(4), mask)
+    assert float(sums["count"]) == 3 and float(sums["top1"]) == 2 and float(sums["loss"]) == 3
+
+
+def test_train_batches_reshuffle_each_epoch_and_resume_mid_epoch(tiny_config):
+    config = tiny_config()
+    with tfds.testing.mock_data(num_examples=40):
+        split = data.load_split(config.dataset, "train")
+        epoch0 = [b["labels"] for b in data.train_batches(split, 8, 100, seed=0, epoch=0)]
+        again = [b["labels"] for b in data.train_batches(split, 8, 100, seed=0, epoch=0)]
+        epoch1 = [b["labels"] for b in data.train_batches(split, 8, 100, seed=0, epoch=1)]
+        resumed = [b["labels"] for b in data.train_batches(split, 8, 100, seed=0, epoch=0, start=3)]
+        images = [b["images"] for b in data.train_batches(split, 8, 100, seed=0, epoch=0)]
+    assert len(epoch0) == 5
+    np.testing.assert_array_equal(np.concatenate(epoch0), np.concatenate(again))
+    assert not np.array_equal(np.concatenate(epoch0), np.concatenate(epoch1))
+    np.testing.assert_array_equal(np.concatenate(resumed), np.concatenate(epoch0[3:]))
+    assert len({im.tobytes() for im in np.concatenate(images)}) == 40  # every example once
+
+
+def test_learning_rate_schedule_corners(tiny_config):
+    cfg = tiny_config().optimizer  # warm-up over 15%, peak 1e-3, cosine to 0
+    schedule = train.create_learning_rate_fn(cfg, total_steps=1000)
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(75)), 0.5e-3, rtol=1e-6)  # half-way up
+    np.testing.assert_allclose(float(schedule(150)), 1e-3, rtol=1e-6)  # peak at 15%
+    np.testing.assert_allclose(float(schedule(575)), 0.5e-3, rtol=1e-5)  # half-way down
+    assert float(schedule(1000)) == pytest.approx(0.0, abs=1e-12)
+    cfg.schedule = "constant"
+    constant = train.create_learning_rate_fn(cfg, total_steps=1000)
+    assert float(constant(0)) == float(constant(999)) == 1e-3
+
+
+@pytest.mark.parametrize("mode, factor", [("per_step", 1 - 1e-2), ("lr_scaled", 1 - 0.5 * 1e-2)])
+def test_weight_decay_conventions(tiny_config, mode, factor):
+    cfg = tiny_config().optimizer
+    cfg.weight_decay, cfg.weight_decay_mode, cfg.eps = 1e-2, mode, 1e-7
+    tx = train.create_optimizer(cfg, optax.constant_schedule(0.5))
+    params = {"w": jnp.ones(3)}
+    updates, _ = tx.update({"w": jnp.zeros(3)}, tx.init(params), params)  # no gradient: decay only
+    np.testing.assert_allclose(optax.apply_updates(params, updates)["w"], factor, rtol=1e-6)
+
+
+def test_nan_loss_stops_the_run(tmp_path, tiny_config):
+    config = tiny_config(**{"optimizer.learning_rate": 1e30, "optimizer.schedule": "constant",
+                            "log_every_steps": 1})
+    with tfds.testing.mock_data(num_examples=64), pytest.raises(train.TrainingDiverged,
+                                                                  match="loss is nan"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_batch_that_does_not_divide_over_devices_is_a_clear_error(tiny_config):
+    with pytest.raises(UserError, match="batch size 12 does not divide over 8 devices"):
+        data.local_batch_size(12, train.create_mesh())
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, tiny_config):
+    config = tiny_config(**{"dataset.data_dir": str(tmp_path), "dataset.download": False})
+    with pytest.raises(UserError, match=r"'cifar10' is not prepared in .*:smoke"):
+        data.load_split(config.dataset, "train")
+
+
+def test_unknown_model_is_a_clear_error(tiny_config):
+    config = tiny_config(**{"model.name": "resnet"})
+    with pytest.raises(UserError, match="unknown model name 'resnet'.*patch_convnet_tutorial"):
+        train.create_model(config, 10)
