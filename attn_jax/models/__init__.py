@@ -11,9 +11,10 @@ from collections.abc import Callable
 import flax.linen as nn
 
 from attn_jax.errors import UserError
-from attn_jax.models import patch_convnet, patch_convnet_tutorial
+from attn_jax.models import eanet, patch_convnet, patch_convnet_tutorial
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
+    "eanet": eanet.EANet,
     "patch_convnet_tutorial": patch_convnet_tutorial.PatchConvNetTutorial,
     "patch_convnet": patch_convnet.PatchConvNet,
     **patch_convnet.VARIANTS,

@@ -1,0 +1,282 @@
+"""EANet (external attention) as built by the Keras tutorial "Image classification with EANet".
+
+Guo et al., "Beyond self-attention: external attention using two linear layers for visual
+recognition" (2021), in the form of the keras-io `eanet` example (CIFAR-100, 361,380 trainable
+parameters), with the tutorial's ViT baseline (multi-head self-attention in place of external
+attention, 623,268):
+
+    image [B, H, W, 3]
+      -> 2x2 patches, flattened in (row, col, channel) order             -> [B, N, p*p*3]
+      -> Dense(dim) + learned position embedding [N, dim]                -> [B, N, dim]
+      -> `num_blocks` x  x + Attn(LN(x)); x + MLP(LN(x))                 -> [B, N, dim]
+      -> mean over tokens, Dense head                                    -> logits [B, classes]
+
+External attention (per block): Dense(dim * coef), split into num_heads * coef heads, memory keys
+M_k = Dense(S) shared across heads, softmax over the tokens, L1 over the S memory slots (the
+"double normalisation"), dropout, memory values M_v = Dense(head_dim), merge heads, Dense(dim),
+dropout. The tutorial has S = dim // dim_coefficient = 16; the paper uses S = 64 (`memory_slots`).
+
+Initialisers follow Keras (Glorot-uniform kernels, zero biases, uniform(-0.05, 0.05) position
+embedding) and GELU is exact (erf), as Keras' `activation="gelu"`; the tutorial's `ops.gelu` would
+be the tanh approximation, a difference below 1e-3 per activation. The tutorial's softmax head is
+left to the loss: the model returns logits.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attn_jax.errors import UserError
+
+Dtype = Any
+gelu = functools.partial(nn.gelu, approximate=False)
+glorot = nn.initializers.xavier_uniform()
+ATTENTION_TYPES = ("external", "self")
+
+
+def keras_embedding_init(key, shape, dtype=jnp.float32):
+    """Keras `Embedding`'s default initialiser: uniform in [-0.05, 0.05)."""
+    return jax.random.uniform(key, shape, dtype, minval=-0.05, maxval=0.05)
+
+
+def extract_patches(images: jax.Array, patch_size: int) -> jax.Array:
+    """Non-overlapping square patches: [B, H, W, C] -> [B, (H/p) * (W/p), p * p * C].
+
+    Patches are numbered row by row and each is flattened in (row, col, channel) order, as
+    `keras.ops.image.extract_patches` (and `tf.image.extract_patches`) do.
+    """
+    batch, height, width, channels = images.shape
+    p = patch_size
+    x = images.reshape(batch, height // p, p, width // p, p, channels)
+    x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, H/p, W/p, p, p, C]
+    return x.reshape(batch, (height // p) * (width // p), p * p * channels)
+
+
+def softmax_over_tokens(logits: jax.Array, token_axis: int = 1) -> jax.Array:
+    """Step 1, in float32: each memory slot's weights over the N tokens sum to 1. Same shape."""
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=token_axis)
+
+
+def l1_over_slots(attn: jax.Array) -> jax.Array:
+    """Step 2: each token's weights over the S memory slots (last axis) sum to 1. Same shape."""
+    return attn / (1e-9 + jnp.sum(attn, axis=-1, keepdims=True))
+
+
+def double_normalize(logits: jax.Array, token_axis: int = 1) -> jax.Array:
+    """External attention's double normalisation: [..., N, ..., S] -> float32, same shape.
+
+    A softmax over the tokens (`token_axis`), then an L1 normalisation over the memory slots (the
+    last axis, with the tutorial's 1e-9 in the denominator).
+    """
+    return l1_over_slots(softmax_over_tokens(logits, token_axis))
+
+
+class DenseParams(nn.Module):
+    """A Keras Dense layer's variables, returned, not applied: () -> (kernel [in, out], bias [out]).
+
+    Glorot-uniform kernel and zero bias, stored as {kernel, bias} exactly as `nn.Dense` stores them.
+    """
+
+    in_features: int
+    features: int
+
+    @nn.compact
+    def __call__(self):
+        kernel = self.param("kernel", glorot, (self.in_features, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return kernel, bias
+
+
+def fold_memories(dim: int, heads: int, head_dim: int, memory_slots: int) -> bool:
+    """Whether folding the memories into the outer Dense layers saves multiply-adds.
+
+    Per token, the tutorial's order costs dim*inner (expand) + inner*S (M_k, all heads) + inner*S
+    (M_v) + inner*dim (out), with inner = heads * head_dim; the folded maps cost dim*heads*S twice.
+    For the tutorial (dim 64, 16 heads of 16, S = 16) folding costs 32,768 instead of 40,960 and
+    replaces the 16-wide memory matmuls, slow on CPU, by 256-wide ones; for the paper's S = 64 it
+    would cost 131,072 instead of 65,536, so the memories are then applied as in the tutorial.
+    """
+    inner = heads * head_dim
+    return dim * heads * memory_slots <= dim * inner + inner * memory_slots
+
+
+class ExternalAttention(nn.Module):
+    """Multi-head external attention with two shared memories: [B, N, dim] -> [B, N, dim].
+
+    Laid out as [B, N, heads, ...] throughout (the tutorial transposes to [B, heads, N, ...]), so
+    splitting and merging the heads are free reshapes. The parameters are the tutorial's four Dense
+    layers (`expand` dim -> inner, `memory_key` head_dim -> S, `memory_value` S -> head_dim, `out`
+    inner -> dim). When `fold_memories` says it is cheaper, the linear maps on either side of the
+    double normalisation are composed first (expand then M_k into one [dim, heads * S] kernel, M_v
+    then out into one [heads * S, dim] kernel): the same function of the same parameters, computed
+    in a different order.
+    """
+
+    num_heads: int
+    dim_coefficient: int
+    memory_slots: int
+    attention_dropout: float
+    projection_dropout: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        batch, tokens, dim = x.shape
+        heads = self.num_heads * self.dim_coefficient
+        inner = dim * self.dim_coefficient
+        head_dim, slots = inner // heads, self.memory_slots
+        w_e, b_e = DenseParams(dim, inner, name="expand")()
+        w_k, b_k = DenseParams(head_dim, slots, name="memory_key")()
+        w_v, b_v = DenseParams(slots, head_dim, name="memory_value")()
+        w_o, b_o = DenseParams(inner, dim, name="out")()
+        fold = fold_memories(dim, heads, head_dim, slots)
+
+        def dense(inputs, kernel, bias):
+            return inputs.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+
+        if fold:  # (x W_e + b_e) W_k + b_k = x (W_e W_k) + (b_e W_k + b_k), per head
+            key_kernel = jnp.einsum("chd,ds->chs", w_e.reshape(dim, heads, head_dim), w_k)
+            key_bias = b_e.reshape(heads, head_dim) @ w_k + b_k
+            logits = dense(x, key_kernel.reshape(dim, heads * slots), key_bias.reshape(-1))
+            logits = logits.reshape(batch, tokens, heads, slots)
+        else:
+            queries = dense(x, w_e, b_e).reshape(batch, tokens, heads, head_dim)
+            logits = dense(queries, w_k, b_k)  # [B, N, h, S]
+        attn = double_normalize(logits, token_axis=1)
+        attn = nn.Dropout(self.attention_dropout)(attn, deterministic=not train)
+
+        if fold:  # merge(a W_v + b_v) W_o + b_o = a (W_v W_o per head) + (b_v sum_h W_o_h + b_o)
+            w_o = w_o.reshape(heads, head_dim, dim)
+            value_kernel = jnp.einsum("sd,hdo->hso", w_v, w_o).reshape(heads * slots, dim)
+            value_bias = b_v @ jnp.sum(w_o, axis=0) + b_o
+            y = dense(attn.reshape(batch, tokens, heads * slots), value_kernel, value_bias)
+        else:
+            values = dense(attn, w_v, b_v).reshape(batch, tokens, inner)  # merge heads
+            y = dense(values, w_o, b_o)
+        return nn.Dropout(self.projection_dropout)(y, deterministic=not train)
+
+
+class SelfAttention(nn.Module):
+    """Keras `MultiHeadAttention(num_heads, key_dim=dim)` self-attention: [B, N, d] -> [B, N, d].
+
+    Query/key/value projections to [heads, dim] with bias, scores scaled by 1/sqrt(dim), softmax in
+    float32, dropout on the weights, output projection from [heads, dim] to dim with bias. As in the
+    tutorial's ViT baseline, there is no dropout after the output projection.
+    """
+
+    num_heads: int
+    attention_dropout: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        dim = x.shape[-1]
+        proj = functools.partial(nn.DenseGeneral, (self.num_heads, dim), kernel_init=glorot,
+                                 dtype=self.dtype)
+        q = proj(name="query")(x)  # [B, N, h, dim]
+        k = proj(name="key")(x)
+        v = proj(name="value")(x)
+        q = q * jnp.asarray(dim ** -0.5, q.dtype)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)  # [B, h, N, N]
+        weights = nn.Dropout(self.attention_dropout)(weights, deterministic=not train)
+        attended = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+        return nn.DenseGeneral(dim, axis=(-2, -1), kernel_init=glorot, dtype=self.dtype,
+                               name="out")(attended)
+
+
+class Mlp(nn.Module):
+    """Dense(mlp_dim) + exact GELU, dropout, Dense(dim), dropout: [B, N, dim] -> [B, N, dim]."""
+
+    mlp_dim: int
+    dropout: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        dim = x.shape[-1]
+        x = gelu(nn.Dense(self.mlp_dim, kernel_init=glorot, dtype=self.dtype)(x))
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        x = nn.Dense(dim, kernel_init=glorot, dtype=self.dtype)(x)
+        return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN block, x + Attn(LN(x)) then x + MLP(LN(x)): [B, N, dim] -> [B, N, dim]."""
+
+    mlp_dim: int
+    num_heads: int
+    dim_coefficient: int
+    memory_slots: int
+    attention_dropout: float
+    projection_dropout: float
+    attention: str
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        layer_norm = functools.partial(nn.LayerNorm, epsilon=1e-5, dtype=jnp.float32)
+        if self.attention == "external":
+            attend = ExternalAttention(self.num_heads, self.dim_coefficient, self.memory_slots,
+                                       self.attention_dropout, self.projection_dropout,
+                                       dtype=self.dtype, name="attention")
+        else:
+            attend = SelfAttention(self.num_heads, self.attention_dropout, dtype=self.dtype,
+                                   name="attention")
+        x = x + attend(layer_norm()(x), train=train)
+        return x + Mlp(self.mlp_dim, self.projection_dropout, dtype=self.dtype)(
+            layer_norm()(x), train=train)
+
+
+class EANet(nn.Module):
+    """The tutorial's EANet or its ViT baseline: images [B, H, W, 3] -> (logits [B, classes], None).
+
+    N = (H/p) * (W/p) tokens: 256 for the tutorial's 32x32 inputs and 2x2 patches. `attention` is
+    "external" (EANet) or "self" (the ViT baseline, which ignores `dim_coefficient` and
+    `memory_slots`). There is no class token, so no attention map is returned.
+    """
+
+    num_classes: int
+    patch_size: int
+    dim: int
+    mlp_dim: int
+    num_heads: int
+    dim_coefficient: int
+    num_blocks: int
+    attention_dropout: float
+    projection_dropout: float
+    attention: str
+    memory_slots: int
+    dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_TYPES:
+            raise UserError(f"unknown attention {self.attention!r}: set config.model.attention to "
+                            f"one of {', '.join(ATTENTION_TYPES)}")
+        if self.dim % self.num_heads:
+            raise UserError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}: set "
+                            "config.model.dim to a multiple of config.model.num_heads")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, images, *, train: bool):
+        _, height, width, _ = images.shape
+        if height % self.patch_size or width % self.patch_size:
+            raise UserError(f"image size {height}x{width} is not divisible by patch_size "
+                            f"{self.patch_size}: set config.model.patch_size to a divisor of both")
+        patches = extract_patches(images, self.patch_size)  # [B, N, p*p*3]
+        x = nn.Dense(self.dim, kernel_init=glorot, dtype=self.dtype, name="patch_embed")(patches)
+        position = self.param("pos_embed", keras_embedding_init, (patches.shape[1], self.dim),
+                              jnp.float32)
+        x = x + position
+        for i in range(self.num_blocks):
+            x = EncoderBlock(self.mlp_dim, self.num_heads, self.dim_coefficient, self.memory_slots,
+                             self.attention_dropout, self.projection_dropout, self.attention,
+                             dtype=self.dtype, name=f"block{i}")(x, train=train)
+        pooled = jnp.mean(x.astype(jnp.float32), axis=1)  # [B, dim]
+        logits = nn.Dense(self.num_classes, kernel_init=glorot, dtype=jnp.float32,
+                          name="head")(pooled)
+        return logits, None
