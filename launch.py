@@ -16,8 +16,12 @@ from attn_jax.errors import UserError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/x.py[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "summary"],
-                          "train: train and evaluate; summary: parameter table and FLOPs.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "summary"],
+                          "train: train and evaluate (resuming from the workdir's latest checkpoint); "
+                          "eval: evaluate a saved checkpoint on the test split; "
+                          "summary: parameter table and FLOPs.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best",
+                                  "--mode=eval: 'best' (by validation top-1), 'latest' or a step.")
 flags.mark_flag_as_required("config")
 
 
@@ -50,6 +54,12 @@ def _describe_override_error(argv: list[str], error: Exception) -> str:
     return f"bad --config: {text}"
 
 
+def _require_workdir() -> str:
+    if not _WORKDIR.value:
+        fail(f"--workdir is required for --mode={_MODE.value}")
+    return _WORKDIR.value
+
+
 def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # the console gets attn_jax's own lines
     if len(argv) > 1:
@@ -60,13 +70,17 @@ def main(argv: list[str]) -> None:
             from attn_jax.commands import summarize
 
             summarize(config)
+        elif _MODE.value == "eval":
+            from attn_jax.train import evaluate_checkpoint
+
+            metrics = evaluate_checkpoint(config, _require_workdir(), _CHECKPOINT.value)
+            print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in metrics.items()))
         elif _MODE.value == "train":
-            if not _WORKDIR.value:
-                fail("--workdir is required for --mode=train")
             from attn_jax.train import TrainingDiverged, train_and_evaluate
 
             try:
-                train_and_evaluate(config, _WORKDIR.value)
+                train_and_evaluate(config, _require_workdir())
             except TrainingDiverged as e:
                 fail(str(e), status=1)
     except UserError as e:

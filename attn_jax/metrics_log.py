@@ -22,17 +22,34 @@ def format_duration(seconds: float) -> str:
         f"{secs:02d}s"
 
 
+def _lines_up_to(path: Path, step: int) -> list[dict]:
+    """The records of `path` with record["step"] <= step, test results excluded."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records
+            if r["step"] <= step and not any(k.startswith("test/") for k in r)]
+
+
 class MetricsLog:
     """Writes scalars as JSON lines and TensorBoard events, and remembers the latest of each."""
 
-    def __init__(self, workdir: Path, config: ml_collections.ConfigDict):
+    def __init__(self, workdir: Path, config: ml_collections.ConfigDict,
+                 resume_step: int | None = None):
+        """Starts `metrics.jsonl` afresh, or, resuming from a checkpoint at `resume_step`, keeps the
+        lines up to that step (dropping those a crashed run wrote after it, and any test line)."""
         self.workdir = Path(workdir)
         self.is_writer = jax.process_index() == 0
         self._latest: dict[str, float] = {}
         if self.is_writer:
             self.workdir.mkdir(parents=True, exist_ok=True)
             self.write_json("config.json", config.to_dict())
-            self._jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115
+            path = self.workdir / "metrics.jsonl"
+            kept = _lines_up_to(path, resume_step) if resume_step is not None else []
+            for record in kept:
+                self._latest.update({k: v for k, v in record.items() if "/" in k})
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self._jsonl = open(path, "a")  # noqa: SIM115
         self._tensorboard = metric_writers.create_default_writer(
             str(self.workdir / "tensorboard"), just_logging=not self.is_writer, asynchronous=False)
 

@@ -6,8 +6,12 @@ code runs on one device, on eight, or on a multi-host slice. Reading order:
 `train_step`, `eval_step`, `evaluate`, `train_and_evaluate`.
 """
 
+import dataclasses
 import functools
+import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +25,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from attn_jax import data, models, preprocess, summary, weight_decay
+from attn_jax import checkpoint, data, models, normalization, preprocess, summary, weight_decay
 from attn_jax.errors import UserError
 from attn_jax.metrics_log import MetricsLog, format_duration
 
@@ -192,6 +196,62 @@ def evaluate(eval_fn: Callable, state: TrainState, split: data.Split, local_batc
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+    """Everything a run is made of, built the same way for training and for evaluation."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    splits: dict[str, data.Split]
+    local_batch: int
+    local_eval_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    model: nn.Module
+    num_params: int
+    schedule: optax.Schedule
+    state: TrainState
+    train_fn: Callable
+    eval_fn: Callable
+    train_key: jax.Array
+    stats: dict | None
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Mean loss, top-1 and top-5 of the current state on split "train", "val" or "test"."""
+        return evaluate(self.eval_fn, self.state, self.splits[split], self.local_eval_batch,
+                        self.mesh, self.stats)
+
+
+def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path) -> Run:
+    """Loads the splits and builds the model, optimizer, initial state and jitted steps."""
+    local_batch = data.local_batch_size(config.batch_size, mesh)
+    local_eval_batch = data.local_batch_size(config.eval_batch_size, mesh)
+    splits = {name: data.load_split(config.dataset, getattr(config.dataset, f"{name}_split"))
+              for name in ("train", "val", "test")}
+    steps_per_epoch = splits["train"].num_examples // config.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"config.batch_size {config.batch_size} is larger than the training split "
+                        f"({splits['train'].num_examples} examples): lower it")
+    total_steps = steps_per_epoch * config.num_epochs
+    stats = None  # per-channel mean and std of the training split, cached in the workdir
+    if config.preprocess.normalize == "standardize":
+        stats = {k: jnp.asarray(v, jnp.float32) for k, v in normalization.channel_stats(
+            splits["train"], workdir / "normalization.json",
+            key=normalization.cache_key(config.dataset.name, config.dataset.train_split)).items()}
+
+    data.check_num_classes(config.dataset)
+    model = create_model(config, config.dataset.num_classes)
+    image_shape = (config.preprocess.size, config.preprocess.size, 3)
+    schedule = create_learning_rate_fn(config.optimizer, total_steps)
+    tx = create_optimizer(config.optimizer, schedule)
+    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    state = create_train_state(model, tx, init_key, image_shape, mesh)
+    train_fn, eval_fn = jit_steps(config, mesh)
+    return Run(config, mesh, splits, local_batch, local_eval_batch, steps_per_epoch, total_steps,
+               model, summary.total_params(model, image_shape), schedule, state, train_fn, eval_fn,
+               train_key, stats)
+
+
 def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
@@ -203,84 +263,142 @@ def _check_finite(metrics: dict[str, float], step: int, epoch: int) -> None:
             "lower config.optimizer.learning_rate or lengthen the warm-up")
 
 
+def zero_sums(mesh: Mesh) -> Metrics:
+    """Empty training-metric accumulators, replicated over `mesh`."""
+    zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "top1", "top5", "count")}
+    return jax.device_put(zeros, NamedSharding(mesh, PartitionSpec()))
+
+
+class StopSignals:
+    """Turns SIGTERM and SIGINT into a request to stop after the current step (`.received`)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _stopped(log: MetricsLog, ckpt: checkpoint.Checkpointer, signal_name: str, step: int) -> None:
+    ckpt.wait()
+    log.info(f"received {signal_name}: saved a checkpoint at step {step}; relaunch the same "
+             "command to resume")
+    log.close()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None,
-                       ) -> dict[str, float]:
+                       ) -> dict | None:
     """Trains `config` for config.num_epochs, evaluating on the validation split after each epoch
     and on the test split at the end; writes the outputs listed in the README into `workdir`.
-    Returns the final metrics (also written to `workdir/summary.json`)."""
-    mesh = create_mesh() if mesh is None else mesh
+
+    Resumes from the latest checkpoint in `workdir/checkpoints` if there is one: same step, PRNG
+    stream and position in the epoch's shuffle, so the run ends exactly as an uninterrupted one.
+    Returns the final metrics (also written to `workdir/summary.json`), or None when stopped early
+    by SIGTERM/SIGINT (after saving a checkpoint).
+    """
     workdir = Path(workdir)
-    log = MetricsLog(workdir, config)
-
-    # Input.
-    local_batch = data.local_batch_size(config.batch_size, mesh)
-    local_eval_batch = data.local_batch_size(config.eval_batch_size, mesh)
-    splits = {name: data.load_split(config.dataset, getattr(config.dataset, f"{name}_split"))
-              for name in ("train", "val", "test")}
-    steps_per_epoch = splits["train"].num_examples // config.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"config.batch_size {config.batch_size} is larger than the training split "
-                        f"({splits['train'].num_examples} examples): lower it")
-    total_steps = steps_per_epoch * config.num_epochs
-    stats = None  # per-channel statistics for preprocess.normalize == "standardize"
-
-    # Model and update.
-    data.check_num_classes(config.dataset)
-    model = create_model(config, config.dataset.num_classes)
-    image_shape = (config.preprocess.size, config.preprocess.size, 3)
-    num_params = summary.total_params(model, image_shape)
-    schedule = create_learning_rate_fn(config.optimizer, total_steps)
-    tx = create_optimizer(config.optimizer, schedule)
-    init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    state = create_train_state(model, tx, init_key, image_shape, mesh)
-    train_fn, eval_fn = jit_steps(config, mesh)
-    log.info(f"{config.model.name}: {num_params:,} parameters; {steps_per_epoch} steps/epoch x "
-             f"{config.num_epochs} epochs on {mesh.devices.size} device(s) "
+    mesh = create_mesh() if mesh is None else mesh
+    run = build_run(config, mesh, workdir)
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
+    description = checkpoint.model_description(config)
+    sums = zero_sums(mesh)
+    restored = ckpt.restore_latest(run.state, sums, description)
+    if restored is not None:
+        run.state, sums = restored
+    step = int(run.state.step)
+    log = MetricsLog(workdir, config, resume_step=step if restored is not None else None)
+    if restored is not None:
+        log.info(f"resumed from the checkpoint at step {step} in {ckpt.directory}")
+    log.info(f"{config.model.name}: {run.num_params:,} parameters; {run.steps_per_epoch} steps/"
+             f"epoch x {config.num_epochs} epochs on {mesh.devices.size} device(s) "
              f"({jax.default_backend()}), global batch {config.batch_size}")
 
-    # Loop.
-    step = int(state.step)
+    every = config.checkpoint.every_steps or run.steps_per_epoch
+    stop = StopSignals()
     rates: list[float] = []
-    sums, interval_start, interval_steps = None, None, 0
+    interval_start, interval_steps = None, 0
     run_start = time.perf_counter()
-    for epoch in range(step // steps_per_epoch, config.num_epochs):
-        batches = data.train_batches(splits["train"], local_batch, config.dataset.shuffle_buffer,
-                                     config.seed, epoch, start=step % steps_per_epoch)
-        for batch in data.prefetch_to_mesh(batches, mesh, config.dataset.prefetch):
-            state, step_sums = train_fn(state, batch, train_key, stats)
-            sums = step_sums if sums is None else jax.tree.map(jnp.add, sums, step_sums)
-            step += 1
-            if interval_start is None:  # the first step compiles: time from its end on
-                jax.block_until_ready(step_sums)
-                interval_start = time.perf_counter()
-            else:
-                interval_steps += 1
-            if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
-                train_metrics = means(sums)  # the one host sync per log interval
-                _check_finite(train_metrics, step, epoch + 1)
-                if interval_steps:
-                    seconds = time.perf_counter() - interval_start
-                    rates.append(interval_steps * config.batch_size / seconds)
-                log.write(step, epoch + 1, {**_prefixed("train", train_metrics),
-                                            "learning_rate": float(schedule(step - 1))})
-                sums, interval_start, interval_steps = None, time.perf_counter(), 0
+    try:
+        for epoch in range(step // run.steps_per_epoch, config.num_epochs):
+            batches = data.train_batches(run.splits["train"], run.local_batch,
+                                         config.dataset.shuffle_buffer, config.seed, epoch,
+                                         start=step % run.steps_per_epoch)
+            for batch in data.prefetch_to_mesh(batches, mesh, config.dataset.prefetch):
+                run.state, step_sums = run.train_fn(run.state, batch, run.train_key, run.stats)
+                sums = jax.tree.map(jnp.add, sums, step_sums)
+                step += 1
+                if interval_start is None:  # the first step compiles: time from its end on
+                    jax.block_until_ready(step_sums)
+                    interval_start = time.perf_counter()
+                else:
+                    interval_steps += 1
+                if step % config.log_every_steps == 0 or step % run.steps_per_epoch == 0:
+                    train_metrics = means(sums)  # the one host sync per log interval
+                    _check_finite(train_metrics, step, epoch + 1)
+                    if interval_steps:
+                        seconds = time.perf_counter() - interval_start
+                        rates.append(interval_steps * config.batch_size / seconds)
+                    log.write(step, epoch + 1, {**_prefixed("train", train_metrics),
+                                                "learning_rate": float(run.schedule(step - 1))})
+                    sums, interval_start, interval_steps = zero_sums(mesh), time.perf_counter(), 0
+                if step % run.steps_per_epoch == 0:
+                    break  # the epoch's end: validate and save below
+                if stop.received or step % every == 0:
+                    ckpt.save(run.state, sums, description)
+                if stop.received:
+                    return _stopped(log, ckpt, stop.received, step)
 
-        eval_start = time.perf_counter()
-        val = evaluate(eval_fn, state, splits["val"], local_eval_batch, mesh, stats)
-        log.write(step, epoch + 1, _prefixed("val", val))
-        eta = (total_steps - step) * config.batch_size / float(np.median(rates)) if rates else 0
-        log.info(f"epoch {epoch + 1}/{config.num_epochs} step {step}: {log.epoch_line()} | "
-                 f"{np.median(rates) if rates else 0:.0f} img/s | ETA {format_duration(eta)}")
-        if interval_start is not None:  # exclude evaluation from the training throughput
-            interval_start += time.perf_counter() - eval_start
+            eval_start = time.perf_counter()
+            val = run.evaluate("val")
+            log.write(step, epoch + 1, _prefixed("val", val))
+            ckpt.save(run.state, sums, description, metrics=_prefixed("val", val))
+            rate = float(np.median(rates)) if rates else 0.0
+            eta = (run.total_steps - step) * config.batch_size / rate if rate else 0.0
+            log.info(f"epoch {epoch + 1}/{config.num_epochs} step {step}: {log.epoch_line()} | "
+                     f"{rate:.0f} img/s | ETA {format_duration(eta)}")
+            if interval_start is not None:  # exclude evaluation from the training throughput
+                interval_start += time.perf_counter() - eval_start
+            if stop.received:
+                return _stopped(log, ckpt, stop.received, step)
+    finally:
+        stop.restore()
+        ckpt.wait()
 
-    test = evaluate(eval_fn, state, splits["test"], local_eval_batch, mesh, stats)
+    test = run.evaluate("test")
     log.write(step, config.num_epochs, _prefixed("test", test))
-    final = {**log.latest(), "num_params": num_params,
+    final = {**log.latest(), "num_params": run.num_params,
              "train_images_per_s": float(np.median(rates)) if rates else None,
              "wall_time_s": time.perf_counter() - run_start}
     log.info(f"test: loss {test['loss']:.4f} top1 {100 * test['top1']:.2f}% "
              f"top5 {100 * test['top5']:.2f}%")
     log.write_json("summary.json", final)
     log.close()
+    ckpt.close()
     return final
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best",
+                        split: str = "test", mesh: Mesh | None = None) -> dict[str, float]:
+    """Restores checkpoint `which` ('best', 'latest' or a step) of `workdir` and evaluates it on
+    `split`; writes `workdir/eval_<which>_<split>.json`."""
+    workdir = Path(workdir)
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep, read_only=True)
+    step = ckpt.resolve(which)
+    run = build_run(config, create_mesh() if mesh is None else mesh, workdir)
+    run.state, _ = ckpt.restore(step, run.state, zero_sums(run.mesh),
+                                checkpoint.model_description(config))
+    metrics = {"step": step, "checkpoint": which, **_prefixed(split, run.evaluate(split))}
+    if jax.process_index() == 0:
+        path = workdir / f"eval_{which}_{split}.json"
+        path.write_text(json.dumps(metrics, indent=2) + "\n")
+    ckpt.close()
+    return metrics

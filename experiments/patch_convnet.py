@@ -75,6 +75,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss = ml_collections.ConfigDict()
     config.loss.label_smoothing = 0.0
 
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 0  # 0: at the end of every epoch (always saved there too)
+    config.checkpoint.keep = 3  # the last 3, plus the best by validation top-1
+
     if arg == "smoke":
         _smoke(config)
     elif arg:

@@ -7,6 +7,12 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Tests (and the launch.py subprocesses they start, which inherit this environment) build the same
+# tiny programs many times: a shared persistent compilation cache compiles each of them once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"attn_jax_test_jax_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
@@ -57,3 +63,15 @@ def shared_cifar10() -> Path:
         pytest.skip(f"real CIFAR-10 not available: {SHARED_TFDS}/cifar10 is absent "
                     "(it sits beside the project in attn_jax's development setup)")
     return SHARED_TFDS
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory) -> Path:
+    """A tfds data_dir holding the prepared `sklearn_digits` dataset (made offline, ~10 s)."""
+    import tensorflow_datasets as tfds
+
+    import attn_jax.datasets  # noqa: F401
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    tfds.builder("sklearn_digits", data_dir=str(data_dir)).download_and_prepare()
+    return data_dir

@@ -1,0 +1,169 @@
+"""Checkpoints: exact resume after SIGTERM and SIGKILL, evaluation of saved runs, bad workdirs."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import ROOT, load_experiment
+
+from attn_jax import train
+from attn_jax.errors import UserError
+
+# A tiny PatchConvNet on 480 digits: 30 steps per epoch, 2 epochs, a checkpoint every 10 steps and
+# a log line every step (so the test can see the step the run has reached).
+OVERRIDES = {"dataset.train_split": "train[:480]", "dataset.val_split": "train[1150:1278]",
+             "dataset.test_split": "test[:128]",
+             "batch_size": 16, "eval_batch_size": 64, "num_epochs": 2, "log_every_steps": 1,
+             "preprocess.size": 16, "preprocess.train_resize": 18, "preprocess.crop": 16,
+             "model.dim": 16, "checkpoint.every_steps": 10}
+
+
+def _config(data_dir):
+    config = load_experiment("patch_convnet", "smoke")
+    config.dataset.data_dir = str(data_dir)
+    for key, value in OVERRIDES.items():
+        section, _, leaf = key.rpartition(".")
+        (config[section] if section else config)[leaf] = value
+    return config
+
+
+def _launch(workdir, data_dir) -> subprocess.Popen:
+    flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    return subprocess.Popen(
+        [sys.executable, "launch.py", "--config=experiments/patch_convnet.py:smoke",
+         f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}", *flags],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(process, workdir, step, timeout=240):
+    """Blocks until metrics.jsonl reports `step` (or later); returns the step reached."""
+    deadline = time.time() + timeout
+    path = workdir / "metrics.jsonl"
+    while time.time() < deadline:
+        assert process.poll() is None, process.communicate()
+        if path.exists() and (lines := path.read_text().splitlines()):
+            reached = json.loads(lines[-1])["step"]
+            if reached >= step:
+                return reached
+        time.sleep(0.02)
+    raise TimeoutError(f"the run did not reach step {step}")
+
+
+def _records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_params(workdir):
+    manager = ocp.CheckpointManager(workdir / "checkpoints",
+                                    item_handlers={"state": ocp.StandardCheckpointHandler()})
+    restored = manager.restore(manager.latest_step(),
+                               args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return manager.latest_step(), restored["state"]["params"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, digits_data_dir):
+    """An uninterrupted run, trained in this process."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    final = train.train_and_evaluate(_config(digits_data_dir), str(workdir))
+    return workdir, final
+
+
+def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, digits_data_dir,
+                                                               finished_run):
+    reference, _ = finished_run
+    workdir = tmp_path / "interrupted"
+    rng = random.Random(os.getpid())
+
+    # SIGTERM: finish the step, save, say so, exit 0.
+    process = _launch(workdir, digits_data_dir)
+    _wait_for_step(process, workdir, rng.randint(3, 18))
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "received SIGTERM: saved a checkpoint at step" in out
+    saved_at = int(out.split("saved a checkpoint at step ")[1].split(";")[0])
+    assert saved_at in [int(p.name) for p in (workdir / "checkpoints").iterdir()]
+
+    # SIGKILL at a random later step: no chance to save anything.
+    process = _launch(workdir, digits_data_dir)
+    killed_at = _wait_for_step(process, workdir, rng.randint(saved_at + 12, 55))
+    process.kill()
+    process.wait()
+
+    # Relaunch: resumes from the last checkpoint before the kill and finishes.
+    process = _launch(workdir, digits_data_dir)
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err
+    resumed_from = int(out.split("resumed from the checkpoint at step ")[1].split()[0])
+    assert saved_at <= resumed_from <= killed_at  # a save in flight at the kill is not restored
+
+    step, params = _final_params(workdir)
+    ref_step, ref_params = _final_params(reference)
+    assert step == ref_step == 60
+    for a, b in zip(jax_leaves(params), jax_leaves(ref_params), strict=True):
+        np.testing.assert_array_equal(a, b)  # bitwise
+    assert _records(workdir) == _records(reference)  # no line lost or duplicated
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_eval_mode_reproduces_the_final_test_metrics(digits_data_dir, finished_run):
+    workdir, final = finished_run
+    metrics = train.evaluate_checkpoint(_config(digits_data_dir), str(workdir), "latest")
+    assert metrics["step"] == 60
+    for key in ("test/loss", "test/top1", "test/top5"):
+        assert metrics[key] == final[key]
+    assert json.loads((workdir / "eval_latest_test.json").read_text())["test/top1"] == final["test/top1"]
+    best = train.evaluate_checkpoint(_config(digits_data_dir), str(workdir), "best")
+    best_val = max(r["val/top1"] for r in _records(workdir) if "val/top1" in r)
+    val_at_best = [r["val/top1"] for r in _records(workdir) if r["step"] == best["step"] and "val/top1" in r]
+    assert val_at_best == [best_val]
+
+
+def test_checkpoint_of_another_model_is_refused_and_left_intact(digits_data_dir, finished_run):
+    workdir, _ = finished_run
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    config = _config(digits_data_dir)
+    config.model.dim = 24
+    with pytest.raises(UserError, match=r"different model \(model.dim: checkpoint 16 vs config 24\)"):
+        train.train_and_evaluate(config, str(workdir))
+    with pytest.raises(UserError, match="different model"):
+        train.evaluate_checkpoint(config, str(workdir), "latest")
+    after = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    assert after == before  # nothing written, nothing overwritten
+
+
+def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, digits_data_dir,
+                                                               finished_run, capsys):
+    workdir = tmp_path / "corrupted"
+    shutil.copytree(finished_run[0], workdir)
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    for path in (workdir / "checkpoints" / str(steps[-1]) / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    final = train.train_and_evaluate(_config(digits_data_dir), str(workdir))
+    out = capsys.readouterr().out
+    assert f"checkpoint {workdir / 'checkpoints' / str(steps[-1])} is unreadable" in out
+    assert (workdir / "checkpoints_unreadable" / str(steps[-1])).is_dir()  # set aside, not lost
+    assert f"resumed from the checkpoint at step {steps[-2]}" in out
+    assert final["test/top1"] == finished_run[1]["test/top1"]  # replayed to the same end
+
+    for step in steps:  # every checkpoint unreadable: an error, never a silent fresh start
+        for path in (workdir / "checkpoints" / str(step) / "state").rglob("*"):
+            if path.is_file():
+                path.write_bytes(b"garbage")
+    with pytest.raises(UserError, match="no readable checkpoint"):
+        train.train_and_evaluate(_config(digits_data_dir), str(workdir))
