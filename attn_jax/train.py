@@ -165,9 +165,19 @@ def eval_step(state: TrainState, batch: dict, stats, *,
               config: ml_collections.ConfigDict) -> Metrics:
     """Metric sums of the model on a padded global batch; padding (mask=False) counts for nothing."""
     images = preprocess.for_eval(batch["images"], config.preprocess, stats)
-    logits, _ = state.apply_fn({"params": state.params}, images, train=False)
+    logits, attention = state.apply_fn({"params": state.params}, images, train=False)
     losses = cross_entropy(logits, batch["labels"], config.loss.label_smoothing)
-    return metric_sums(logits, batch["labels"], losses, batch["mask"])
+    sums = metric_sums(logits, batch["labels"], losses, batch["mask"])
+    if attention is not None:  # how peaked the class token's attention is: lower is sharper
+        sums["attention_entropy"] = jnp.sum(attention_entropy(attention) * batch["mask"])
+    return sums
+
+
+def attention_entropy(attention: jax.Array) -> jax.Array:
+    """Entropy in nats of each attention map: [B, N] -> [B]; log(N) for a uniform map, 0 for one
+    patch."""
+    attention = attention.astype(jnp.float32)
+    return -jnp.sum(attention * jnp.log(jnp.clip(attention, 1e-12)), axis=-1)
 
 
 def jit_steps(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Callable, Callable]:
