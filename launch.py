@@ -3,6 +3,7 @@ r"""The one entry point of attn_jax.
     python launch.py --config=experiments/patch_convnet.py --workdir=DIR [--config.KEY=VALUE ...]
     python launch.py --config=experiments/patch_convnet.py:smoke --workdir=DIR
     python launch.py --config=experiments/patch_convnet.py --mode=summary
+    python launch.py --config=experiments/patch_convnet.py --workdir=DIR --mode=attend --image=PATH
 """
 
 import re
@@ -16,12 +17,15 @@ from attn_jax.errors import UserError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/x.py[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "summary"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "summary", "attend"],
                           "train: train and evaluate (resuming from the workdir's latest checkpoint); "
                           "eval: evaluate a saved checkpoint on the test split; "
-                          "summary: parameter table and FLOPs.")
+                          "summary: parameter table and FLOPs; "
+                          "attend: top-5 classes and attention map of a saved checkpoint on --image.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best",
-                                  "--mode=eval: 'best' (by validation top-1), 'latest' or a step.")
+                                  "--mode=eval|attend: 'best' (by validation top-1), 'latest' or a step.")
+_IMAGE = flags.DEFINE_multi_string("image", [], "--mode=attend: an image file (JPEG, PNG, ...; any "
+                                   "size); repeat for several. Writes DIR/attend/<name>.png.")
 flags.mark_flag_as_required("config")
 
 
@@ -76,6 +80,11 @@ def main(argv: list[str]) -> None:
             metrics = evaluate_checkpoint(config, _require_workdir(), _CHECKPOINT.value)
             print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                            for k, v in metrics.items()))
+        elif _MODE.value == "attend":
+            from attn_jax.attention_maps import attend, format_result
+
+            for result in attend(config, _require_workdir(), _IMAGE.value, _CHECKPOINT.value):
+                print(format_result(result))
         elif _MODE.value == "train":
             from attn_jax.train import TrainingDiverged, train_and_evaluate
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from clu import metric_writers
 
@@ -68,6 +69,12 @@ class MetricsLog:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         self._tensorboard.write_scalars(step, scalars)
+
+    def write_image(self, step: int, name: str, image) -> None:
+        """One uint8 RGB image [H, W, 3] to TensorBoard as `name` at `step` (process 0 only)."""
+        if self.is_writer:
+            self._tensorboard.write_images(step, {name: np.asarray(image, np.uint8)[None]})
+            self._tensorboard.flush()
 
     def latest(self) -> dict[str, float]:
         """The most recent value of every scalar written."""

@@ -315,6 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
     Returns the final metrics (also written to `workdir/summary.json`), or None when stopped early
     by SIGTERM/SIGINT (after saving a checkpoint).
     """
+    from attn_jax import attention_maps  # matplotlib: imported by training only
+
     workdir = Path(workdir)
     mesh = create_mesh() if mesh is None else mesh
     run = build_run(config, mesh, workdir)
@@ -375,6 +377,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
             eta = (run.total_steps - step) * config.batch_size / rate if rate else 0.0
             log.info(f"epoch {epoch + 1}/{config.num_epochs} step {step}: {log.epoch_line()} | "
                      f"{rate:.0f} img/s | ETA {format_duration(eta)}")
+            if (every_maps := config.get("attention_every_epochs", 0)) and (epoch + 1) % every_maps == 0:
+                attention_maps.render_epoch(run, log, epoch + 1)  # DIR/attention/epoch_XXX.png
             if interval_start is not None:  # exclude evaluation from the training throughput
                 interval_start += time.perf_counter() - eval_start
             if stop.received:
@@ -391,6 +395,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
     log.info(f"test: loss {test['loss']:.4f} top1 {100 * test['top1']:.2f}% "
              f"top5 {100 * test['top5']:.2f}%")
     log.write_json("summary.json", final)
+    if log.is_writer:
+        attention_maps.plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
     log.close()
     ckpt.close()
     return final

@@ -79,6 +79,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 0  # 0: at the end of every epoch (always saved there too)
     config.checkpoint.keep = 3  # the last 3, plus the best by validation top-1
 
+    # Attention maps of the first `attention_images` validation images (the same ones every time)
+    # after every `attention_every_epochs` epochs, as the tutorial's TrainMonitor(epoch_interval=5):
+    # DIR/attention/epoch_005.png and TensorBoard. 0: none.
+    config.attention_every_epochs = 5
+    config.attention_images = 16
+
     if arg == "smoke":
         _smoke(config)
     elif arg:
