@@ -26,6 +26,15 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "best",
                                   "--mode=eval|attend: 'best' (by validation top-1), 'latest' or a step.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "--mode=attend: an image file (JPEG, PNG, ...; any "
                                    "size); repeat for several. Writes DIR/attend/<name>.png.")
+_SWEEP = flags.DEFINE_bool("sweep", False, "Train every point of the experiment's get_sweep() in "
+                           "WORKDIR/<point>/, skipping finished points and resuming interrupted ones.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "With --sweep: print one command per point instead.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-process: host:port of process 0 (with the next two).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process' index.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Multi-process: detect the job from the cluster (TPU pod, SLURM, ...).")
 flags.mark_flag_as_required("config")
 
 
@@ -64,13 +73,34 @@ def _require_workdir() -> str:
     return _WORKDIR.value
 
 
+def _sweep() -> None:
+    from pathlib import Path
+
+    from attn_jax import sweep
+
+    config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
+    overrides = [f"--config.{k}={v}" for k, v in
+                 config_flags.get_override_values(flags.FLAGS["config"]).items()]
+    workdir = Path(_require_workdir())
+    if _DRY_RUN.value:
+        print("\n".join(sweep.commands(config_arg, workdir, overrides)))
+    else:
+        sweep.run(config_arg, workdir, overrides)
+
+
 def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # the console gets attn_jax's own lines
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}: every option is a --flag")
     config = _CONFIG.value
     try:
-        if _MODE.value == "summary":
+        from attn_jax import distributed
+
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               _DISTRIBUTED.value)
+        if _SWEEP.value:
+            _sweep()
+        elif _MODE.value == "summary":
             from attn_jax.commands import summarize
 
             summarize(config)

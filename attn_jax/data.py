@@ -82,12 +82,18 @@ def class_names(cfg: ml_collections.ConfigDict) -> list[str]:
     return list(_builder(cfg).info.features[cfg.label_key].names)
 
 
-def load_split(cfg: ml_collections.ConfigDict, split: str) -> Split:
-    """This process's shard of `split` (a tfds split string such as "train[:40000]")."""
+def load_split(cfg: ml_collections.ConfigDict, split: str, process_index: int | None = None,
+               process_count: int | None = None) -> Split:
+    """This process's shard of `split` (a tfds split string such as "train[:40000]").
+
+    `process_index` and `process_count` default to this process's place in the job.
+    """
     builder = _builder(cfg)
-    shards = tfds.even_splits(split, n=jax.process_count(), drop_remainder=False)
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    shards = tfds.even_splits(split, n=count, drop_remainder=False)
     try:
-        ds = builder.as_dataset(split=shards[jax.process_index()], shuffle_files=False)
+        ds = builder.as_dataset(split=shards[index], shuffle_files=False)
         total = builder.info.splits[split].num_examples if builder.info.splits else 0
     except (ValueError, KeyError, AssertionError) as e:
         raise UserError(f"bad split {split!r} for dataset {cfg.name!r}: {e}") from None
@@ -96,7 +102,7 @@ def load_split(cfg: ml_collections.ConfigDict, split: str) -> Split:
     local = int(ds.cardinality())
     if local < 0 or total == 0:  # e.g. tfds.testing.mock_data, whose splits carry no metadata
         local = int(ds.reduce(0, lambda n, _: n + 1))
-        total = local * jax.process_count()
+        total = local * count
     if cfg.cache:
         ds = ds.cache()
     return Split(ds, total, local)

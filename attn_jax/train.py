@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from attn_jax import checkpoint, data, models, normalization, preprocess, summary, weight_decay
@@ -195,12 +196,13 @@ def jit_steps(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Callable, 
 
 def evaluate(eval_fn: Callable, state: TrainState, split: data.Split, local_batch: int,
              mesh: Mesh, stats) -> dict[str, float]:
-    """Mean loss, top-1 and top-5 over every example of `split`, each counted exactly once."""
+    """Mean loss, top-1 and top-5 over every example of `split`, each counted exactly once, and
+    `examples`, the number of examples counted."""
     total = None
     for batch in data.prefetch_to_mesh(data.eval_batches(split, local_batch), mesh):
         sums = eval_fn(state, batch, stats)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    return means(total)
+    return {**means(total), "examples": int(total["count"])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +227,29 @@ class Run:
     eval_fn: Callable
     train_key: jax.Array
     stats: dict | None
+
+    def compile(self) -> float:
+        """Compiles both steps ahead of time for the run's batch shapes; returns the seconds taken.
+
+        In a multi-process job the processes then wait for each other, so none starts its first
+        collective while another is still compiling (gloo would time out).
+        """
+        start = time.perf_counter()
+        sharded = NamedSharding(self.mesh, PartitionSpec("data"))
+        image_shape = tuple(self.splits["train"].dataset.element_spec[0].shape)
+
+        def batch(size):
+            return {"images": jax.ShapeDtypeStruct((size, *image_shape), jnp.uint8, sharding=sharded),
+                    "labels": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=sharded),
+                    "mask": jax.ShapeDtypeStruct((size,), jnp.bool_, sharding=sharded)}
+
+        self.train_fn = self.train_fn.lower(self.state, batch(self.config.batch_size),
+                                            self.train_key, self.stats).compile()
+        self.eval_fn = self.eval_fn.lower(self.state, batch(self.config.eval_batch_size),
+                                          self.stats).compile()
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("attn_jax: steps compiled")
+        return time.perf_counter() - start
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Mean loss, top-1 and top-5 of the current state on split "train", "val" or "test"."""
@@ -327,12 +352,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
     if restored is not None:
         run.state, sums = restored
     step = int(run.state.step)
+    compile_seconds = run.compile()
     log = MetricsLog(workdir, config, resume_step=step if restored is not None else None)
     if restored is not None:
         log.info(f"resumed from the checkpoint at step {step} in {ckpt.directory}")
     log.info(f"{config.model.name}: {run.num_params:,} parameters; {run.steps_per_epoch} steps/"
              f"epoch x {config.num_epochs} epochs on {mesh.devices.size} device(s) "
-             f"({jax.default_backend()}), global batch {config.batch_size}")
+             f"({jax.default_backend()}), global batch {config.batch_size}; steps compiled in "
+             f"{compile_seconds:.1f}s")
 
     every = config.checkpoint.every_steps or run.steps_per_epoch
     stop = StopSignals()
@@ -412,6 +439,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     run = build_run(config, create_mesh() if mesh is None else mesh, workdir)
     run.state, _ = ckpt.restore(step, run.state, zero_sums(run.mesh),
                                 checkpoint.model_description(config))
+    run.compile()
     metrics = {"step": step, "checkpoint": which, **_prefixed(split, run.evaluate(split))}
     if jax.process_index() == 0:
         path = workdir / f"eval_{which}_{split}.json"
