@@ -76,7 +76,7 @@ def test_variant_params_and_flops(name):
     if name in PUBLISHED:
         million, gflops = PUBLISHED[name]
         assert params / 1e6 == pytest.approx(million, rel=0.01)
-        assert pc.forward_macs(model, variables, IMAGE) / 1e9 == pytest.approx(gflops, rel=0.01)
+        assert summary.forward_macs(model, variables, IMAGE) / 1e9 == pytest.approx(gflops, rel=0.01)
 
 
 def test_mac_counter_counts_full_kernels_and_matmuls():
@@ -87,7 +87,7 @@ def test_mac_counter_counts_full_kernels_and_matmuls():
 
     shapes = [(1, 8, 8, 4), (3, 3, 2, 6), (5, 7), (7, 3)]
     jaxpr = jax.make_jaxpr(f)(*[jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
-    assert pc._jaxpr_macs(jaxpr.jaxpr) == 4 * 4 * 6 * (9 * 2) + 5 * 7 * 3
+    assert summary._jaxpr_macs(jaxpr.jaxpr) == 4 * 4 * 6 * (9 * 2) + 5 * 7 * 3
 
 
 def test_shapes_and_attention_sums_to_one(variables):

@@ -1,0 +1,123 @@
+r"""PatchConvNet-S60 (the paper's model, 25.2M parameters) on ImageNet-1k at 224 px.
+
+Published (Touvron et al. 2021, arXiv 2112.13692): 82.1% ImageNet val top-1, 25.2M params,
+4.0 GFLOPs (multiply-adds). attn_jax counts 25,231,096 params and 3.979 G multiply-adds of convs
+and matmuls (8.659 GFLOPs by XLA's cost analysis, which counts a multiply-add as 2 and every op):
+
+    python launch.py --config=experiments/patch_convnet_s60_imagenet.py --mode=summary
+
+The summary is abstract (no weights, no dataset): it works offline and takes seconds.
+
+Data. tfds `imagenet2012` (train 1,281,167 images, validation 50,000) must be downloaded by hand,
+as tfds documents: register at https://image-net.org/download-images, put
+ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in `<data_dir>/downloads/manual/`, then
+
+    tfds build imagenet2012 --data_dir=DIR          # about 150 GB; --manual_dir=... elsewhere
+
+and train with
+
+    python launch.py --config=experiments/patch_convnet_s60_imagenet.py --workdir=runs/s60 \
+        --config.dataset.data_dir=DIR
+
+(train = `train`, val and test = `validation`, which is where the paper reports its number).
+
+NOT RUNNABLE YET: attn_jax/data.py batches the decoded uint8 images at their native sizes and
+does every resize on the device; ImageNet's images differ in size, so tf.data stops at the first
+batch ("Cannot batch tensors with different shapes"). A host-side resize or RandomResizedCrop
+before batching is the missing piece (CIFAR and the digits are fixed-size, so they are unaffected).
+
+Recipe: DeiT's (Touvron et al. 2020, its Table 9), as issue 8 specifies, with what attn_jax has:
+
+- implemented: AdamW, lr 5e-4 * 1024 / 512 = 1e-3 at global batch 1024, betas (0.9, 0.999),
+  eps 1e-8, weight decay 0.05 scaled by the learning rate (optax / PyTorch convention), 300
+  epochs, linear warm-up over 5 epochs then cosine decay, label smoothing 0.1, no dropout,
+  drop-path (stochastic depth, the same rate in every block as the official code), no gradient
+  clipping, random horizontal flip; the class token and the layer-scales are not decayed.
+- different: the warm-up starts from 0 and the cosine ends at 0, stepped per step (DeiT: per
+  epoch, warm-up from 1e-6, cosine to a floor of 1e-5); images are resized bilinearly without
+  antialiasing (DeiT: bicubic); training resizes to 256x256 (aspect ratio not kept) and takes a
+  random 224 crop, evaluation resizes to 224x224 (DeiT: resize the short side to 256, centre crop
+  224); inputs are x / 255 (DeiT: standardised with ImageNet's mean and std); biases and
+  LayerNorm parameters are decayed (DeiT/timm exclude every 1-D parameter: `decay_mask` has
+  `exclude_vectors` but the config does not expose it); shuffling uses a 10,000-image buffer over
+  tfds' pre-shuffled files (DeiT: a full random permutation).
+- not implemented: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3), RandAugment
+  (rand-m9-mstd0.5-inc1), Mixup (alpha 0.8) and CutMix (alpha 1.0) with soft-target
+  cross-entropy, repeated augmentation (3 repeats), random erasing (p 0.25), and the weight EMA
+  DeiT's code can keep (not what it reports).
+- the paper's own recipe differs from DeiT's: its first author gives LAMB, lr 3e-3, global batch
+  2048, stochastic depth per model size (facebookresearch/deit issue #185). attn_jax has no LAMB,
+  so this file keeps DeiT's AdamW recipe.
+- drop_path_rate 0.05 is NOT verified against the paper's table (it was not reachable when this
+  file was written): check the paper's value for S60 before a full run.
+
+Mixed precision: dtype "auto" computes in bfloat16 on GPU/TPU (the official code trains with
+autocast) and float32 on CPU; residual streams, LayerNorm and softmax stay float32.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+
+def _tutorial_config() -> ml_collections.ConfigDict:
+    """`get_config()` of experiments/patch_convnet.py, beside this file: the schema every
+    experiment follows. Every value of the recipe is set again below."""
+    spec = importlib.util.spec_from_file_location("experiments_patch_convnet",
+                                                  Path(__file__).with_name("patch_convnet.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """S60 with DeiT's recipe on ImageNet-1k at 224 px."""
+    if arg:
+        raise ValueError(f"unknown config argument {arg!r}: this experiment takes none")
+    config = _tutorial_config()
+    config.seed = 0
+    config.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU
+    config.batch_size = 1024  # global, over all devices
+    config.eval_batch_size = 1000
+    config.num_epochs = 300
+    config.log_every_steps = 250  # 1,251 steps per epoch
+
+    config.dataset.name = "imagenet2012"
+    config.dataset.num_classes = 1000
+    config.dataset.download = False  # manual download only (see the docstring)
+    config.dataset.train_split = "train"
+    config.dataset.val_split = "validation"
+    config.dataset.test_split = "validation"  # ImageNet's test labels are not public
+    config.dataset.cache = False  # decoded ImageNet does not fit in host memory
+    config.dataset.shuffle_buffer = 10_000
+    config.dataset.prefetch = 2
+
+    config.preprocess.size = 224  # evaluation: resize to 224x224
+    config.preprocess.train_resize = 256  # training: resize to 256x256, random crop 224, flip
+    config.preprocess.crop = 224
+    config.preprocess.flip = True
+    config.preprocess.rotation = 0.0
+    config.preprocess.contrast = 0.0
+    config.preprocess.zoom = 0.0
+    config.preprocess.normalize = "rescale"  # x / 255
+
+    # The preset fixes the architecture (dim 384, depth 60, 4 stem convs, layer-scale 1e-4, class
+    # MLP ratio 3); num_classes and dtype come from the dataset and config.dtype.
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "S60"
+    config.model.drop_path_rate = 0.05  # unverified against the paper: see the docstring
+    config.model.attention_dropout = 0.0
+
+    config.optimizer.learning_rate = 1e-3  # 5e-4 * batch 1024 / 512
+    config.optimizer.schedule = "warmup_cosine"
+    config.optimizer.warmup_fraction = 5 / 300  # 5 warm-up epochs of 300
+    config.optimizer.weight_decay = 0.05
+    config.optimizer.weight_decay_mode = "lr_scaled"
+    config.optimizer.weight_decay_exclude = ("cls_token", "layer_scale")
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.999
+    config.optimizer.eps = 1e-8  # PyTorch's AdamW default
+
+    config.loss.label_smoothing = 0.1
+    return config

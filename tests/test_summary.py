@@ -1,0 +1,59 @@
+"""attn_jax/summary.py and the two paper-family experiments, all abstract (no weights, no data)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import load_experiment
+
+from attn_jax import commands, summary, train
+from attn_jax.models import get_model
+
+XLA_LINE = "forward FLOPs per image (XLA cost analysis: all ops, multiply-add = 2): "
+PAPER_LINE = "forward FLOPs per image (paper convention: multiply-adds of convs and matmuls): "
+
+
+def _value(text: str, prefix: str) -> float:
+    """The number (in G) of the summary line starting with `prefix`."""
+    line = next(line for line in text.splitlines() if line.startswith(prefix))
+    return float(line[len(prefix):].split()[0])
+
+
+def test_format_summary_prints_both_flop_conventions():
+    model = get_model("patch_convnet", num_classes=10, dim=16, depth=1, stem_convs=2,
+                      layer_scale_init=1e-6, drop_path_rate=0.0, mlp_ratio=3.0,
+                      attention_dropout=0.0)
+    image = (32, 32, 3)
+    text = summary.format_summary(model, image)
+    variables = summary.abstract_variables(model, image)
+    xla, paper = _value(text, XLA_LINE), _value(text, PAPER_LINE)
+    assert paper == pytest.approx(summary.forward_macs(model, variables, image) / 1e9, rel=1e-3)
+    assert xla == pytest.approx(summary.forward_flops(model, variables, image) / 1e9, rel=1e-3)
+    assert xla > paper > 0  # XLA: 2 per multiply-add, and element-wise ops on top
+    assert text.splitlines()[-1] == f"total params: {summary.count_params(variables['params']):,}"
+
+
+def test_s60_imagenet_experiment_builds_s60_and_summarizes_without_data(capsys):
+    config = load_experiment("patch_convnet_s60_imagenet")
+    assert config.model.name == "S60" and config.dataset.name == "imagenet2012"
+    assert config.optimizer.learning_rate == pytest.approx(5e-4 * config.batch_size / 512)
+    assert config.optimizer.warmup_fraction * config.num_epochs == pytest.approx(5)
+    commands.summarize(config)  # abstract: no dataset is read
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "model: S60 (1000 classes)"
+    assert lines[-1] == "total params: 25,231,096"  # published: 25.2M
+    assert _value("\n".join(lines), PAPER_LINE) == pytest.approx(4.0, rel=0.01)  # published 4.0
+
+
+@pytest.mark.parametrize("arg, patches", [(None, 8 * 8), ("smoke", 4 * 4)])
+def test_paper_cifar_experiment_builds(arg, patches):
+    config = load_experiment("patch_convnet_paper_cifar", arg)
+    assert config.model.name == "patch_convnet"
+    model = train.create_model(config, config.dataset.num_classes)
+    size = config.preprocess.size
+    assert summary.total_params(model, (size, size, 3)) > 0
+    variables = summary.abstract_variables(model, (size, size, 3))
+    images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    logits, attention = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False), variables, images)
+    assert logits.shape == (2, 10)
+    assert attention.shape == (2, patches)
