@@ -97,7 +97,8 @@ def load_split(cfg: ml_collections.ConfigDict, split: str, process_index: int | 
         total = builder.info.splits[split].num_examples if builder.info.splits else 0
     except (ValueError, KeyError, AssertionError) as e:
         raise UserError(f"bad split {split!r} for dataset {cfg.name!r}: {e}") from None
-    ds = ds.map(lambda ex: (ex[cfg.image_key], tf.cast(ex[cfg.label_key], tf.int32)),
+    ds = ds.map(lambda ex: (_fixed_size(ex[cfg.image_key], cfg.get("image_size")),
+                            tf.cast(ex[cfg.label_key], tf.int32)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     local = int(ds.cardinality())
     if local < 0 or total == 0:  # e.g. tfds.testing.mock_data, whose splits carry no metadata
@@ -106,6 +107,14 @@ def load_split(cfg: ml_collections.ConfigDict, split: str, process_index: int | 
     if cfg.cache:
         ds = ds.cache()
     return Split(ds, total, local)
+
+
+def _fixed_size(image: tf.Tensor, size: int | None) -> tf.Tensor:
+    """Datasets of mixed image sizes (ImageNet) need one size to batch: config.dataset.image_size
+    resizes every image to size x size uint8 on the host (bilinear); None keeps the native size."""
+    if not size:
+        return image
+    return tf.cast(tf.round(tf.image.resize(image, (size, size), antialias=True)), tf.uint8)
 
 
 def _as_batch(images, labels, mask=None) -> Batch:
@@ -178,20 +187,36 @@ def prefetch_to_mesh(batches: Iterator[Batch], mesh: Mesh, size: int = 2) -> Ite
     """Moves batches onto the mesh from a background thread, `size` batches ahead of the consumer.
 
     The transfer of batch n+1 overlaps step n, so the step never waits on the host for its input.
+    A consumer that stops early (a `break`, or closing the generator) also stops the thread, which
+    then releases `batches` (and the tf.data iterator and shuffle buffer behind it).
     """
     done = object()
     buffer: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce():
         try:
             for batch in batches:
-                buffer.put(to_global(batch, mesh))
+                if not put(to_global(batch, mesh)):
+                    return
         except Exception as e:  # noqa: BLE001  (re-raised in the consumer)
-            buffer.put(e)
-        buffer.put(done)
+            put(e)
+        put(done)
 
     threading.Thread(target=produce, daemon=True).start()
-    while (item := buffer.get()) is not done:
-        if isinstance(item, Exception):
-            raise item
-        yield item
+    try:
+        while (item := buffer.get()) is not done:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -21,10 +21,10 @@ and train with
 
 (train = `train`, val and test = `validation`, which is where the paper reports its number).
 
-NOT RUNNABLE YET: attn_jax/data.py batches the decoded uint8 images at their native sizes and
-does every resize on the device; ImageNet's images differ in size, so tf.data stops at the first
-batch ("Cannot batch tensors with different shapes"). A host-side resize or RandomResizedCrop
-before batching is the missing piece (CIFAR and the digits are fixed-size, so they are unaffected).
+ImageNet's images differ in size, so config.dataset.image_size = 256 resizes each one to 256x256 on
+the host before batching (bilinear, antialiased); the random 224 crop and the flip run on the
+device. Untested on real ImageNet here (it cannot be downloaded offline); the mixed-size path is
+covered by a test on images of several sizes.
 
 Recipe: DeiT's (Touvron et al. 2020, its Table 9), as issue 8 specifies, with what attn_jax has:
 
@@ -90,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dataset.val_split = "validation"
     config.dataset.test_split = "validation"  # ImageNet's test labels are not public
     config.dataset.cache = False  # decoded ImageNet does not fit in host memory
+    config.dataset.image_size = 256  # images differ in size: resized on the host to batch them
     config.dataset.shuffle_buffer = 10_000
     config.dataset.prefetch = 2
 
