@@ -98,32 +98,38 @@ def main(argv: list[str]) -> None:
 
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                _DISTRIBUTED.value)
-        if _SWEEP.value:
-            _sweep()
-        elif _MODE.value == "summary":
-            from attn_jax.commands import summarize
-
-            summarize(config)
-        elif _MODE.value == "eval":
-            from attn_jax.train import evaluate_checkpoint
-
-            metrics = evaluate_checkpoint(config, _require_workdir(), _CHECKPOINT.value)
-            print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                           for k, v in metrics.items()))
-        elif _MODE.value == "attend":
-            from attn_jax.attention_maps import attend, format_result
-
-            for result in attend(config, _require_workdir(), _IMAGE.value, _CHECKPOINT.value):
-                print(format_result(result))
-        elif _MODE.value == "train":
-            from attn_jax.train import TrainingDiverged, train_and_evaluate
-
-            try:
-                train_and_evaluate(config, _require_workdir())
-            except TrainingDiverged as e:
-                fail(str(e), status=1)
+        _run_mode(config)
+        distributed.shutdown()
     except UserError as e:
         fail(str(e))
+
+
+def _run_mode(config) -> None:
+    """Runs the --mode (or --sweep) the flags ask for."""
+    if _SWEEP.value:
+        _sweep()
+    elif _MODE.value == "summary":
+        from attn_jax.commands import summarize
+
+        summarize(config)
+    elif _MODE.value == "eval":
+        from attn_jax.train import evaluate_checkpoint
+
+        metrics = evaluate_checkpoint(config, _require_workdir(), _CHECKPOINT.value)
+        print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in metrics.items()))
+    elif _MODE.value == "attend":
+        from attn_jax.attention_maps import attend, format_result
+
+        for result in attend(config, _require_workdir(), _IMAGE.value, _CHECKPOINT.value):
+            print(format_result(result))
+    elif _MODE.value == "train":
+        from attn_jax.train import TrainingDiverged, train_and_evaluate
+
+        try:
+            train_and_evaluate(config, _require_workdir())
+        except TrainingDiverged as e:
+            fail(str(e), status=1)
 
 
 if __name__ == "__main__":

@@ -31,3 +31,10 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
                                        num_processes=num_processes, process_id=process_id)
     except (RuntimeError, ValueError) as e:
         raise UserError(f"could not join the multi-process job: {str(e).splitlines()[0]}") from None
+
+
+def shutdown() -> None:
+    """Leaves the multi-process job together with the other processes (a barrier), so that the
+    coordinator exiting first does not abort the others. Does nothing for a single process."""
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()
