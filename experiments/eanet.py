@@ -17,7 +17,8 @@ to download it).
 On this project's 2-core CPU, shared with other jobs (load average 6 to 11): 9.2 training
 images/s, so one epoch took 94 min with its evaluation, and 36.7% validation top-1 (87.3% top-5)
 after one epoch on CIFAR-10 (`--config.dataset.name=cifar10 --config.dataset.num_classes=10`; the
-constant learning rate makes that the first epoch of the full run).
+constant learning rate makes that the first epoch of the full run). A full run is a GPU job: 50
+epochs at this rate would take three days.
 
 One override away: the warm-up-cosine schedule (--config.optimizer.schedule=warmup_cosine), the
 paper's external attention with S = 64 memory slots shared across heads
