@@ -53,6 +53,7 @@ def test_two_processes_match_one(tmp_path, digits_data_dir):
     config = _config(digits_data_dir)
     flags = [f"--config.{k}={v}" for k, v in SMALL.items()]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env.pop("JAX_COMPILATION_CACHE_DIR")  # two processes sharing conftest's cache aborted (SIGABRT)
     port = _free_port()
     processes = [subprocess.Popen(
         [sys.executable, "launch.py", "--config=experiments/patch_convnet.py:smoke",
