@@ -54,6 +54,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attn_jax.models.conv import Conv
+
 Dtype = Any
 gelu = functools.partial(nn.gelu, approximate=False)
 trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
@@ -73,12 +75,13 @@ def torch_conv_bias(fan_in: int):
 
 def torch_conv(features: int, kernel: int, in_features: int, *, stride: int = 1,
                groups: int = 1, use_bias: bool = True, dtype: Dtype, name: str | None = None):
-    """An `nn.Conv` with PyTorch's padding (kernel // 2 each side) and default initialisation."""
+    """A `Conv` (`nn.Conv` with a fast kernel gradient on CPU, models/conv.py) with PyTorch's padding
+    (kernel // 2 each side) and default initialisation."""
     fan_in = in_features // groups * kernel * kernel
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                   feature_group_count=groups, use_bias=use_bias, kernel_init=torch_conv_kernel,
-                   bias_init=torch_conv_bias(fan_in), dtype=dtype, name=name)
+    return Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+                feature_group_count=groups, use_bias=use_bias, kernel_init=torch_conv_kernel,
+                bias_init=torch_conv_bias(fan_in), dtype=dtype, name=name)
 
 
 class LayerScale(nn.Module):

@@ -23,6 +23,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from attn_jax.models.conv import Conv
+
 Dtype = Any
 gelu = functools.partial(nn.gelu, approximate=False)
 glorot = nn.initializers.xavier_uniform()
@@ -37,8 +39,8 @@ class ConvStem(nn.Module):
     @nn.compact
     def __call__(self, x):
         for features in (self.dim // 2, self.dim):
-            x = nn.Conv(features, (3, 3), strides=2, padding="SAME", kernel_init=glorot,
-                        dtype=self.dtype)(x)
+            x = Conv(features, (3, 3), strides=2, padding="SAME", kernel_init=glorot,
+                     dtype=self.dtype)(x)
             x = gelu(x)
         return x
 
@@ -69,8 +71,7 @@ class TrunkBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         dim = x.shape[-1]
-        conv = functools.partial(nn.Conv, dim, padding="SAME", kernel_init=glorot,
-                                 dtype=self.dtype)
+        conv = functools.partial(Conv, dim, padding="SAME", kernel_init=glorot, dtype=self.dtype)
         y = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32)(x)
         y = gelu(conv((1, 1))(y))
         y = gelu(conv((3, 3))(y))
