@@ -4,6 +4,7 @@ r"""The one entry point of attn_jax.
     python launch.py --config=experiments/patch_convnet.py:smoke --workdir=DIR
     python launch.py --config=experiments/patch_convnet.py --mode=summary
     python launch.py --config=experiments/patch_convnet.py --workdir=DIR --mode=attend --image=PATH
+    python launch.py --config=experiments/patch_convnet.py --mode=benchmark [--workdir=DIR]
 """
 
 import re
@@ -17,11 +18,13 @@ from attn_jax.errors import UserError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/x.py[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "summary", "attend"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "summary", "attend", "benchmark"],
                           "train: train and evaluate (resuming from the workdir's latest checkpoint); "
                           "eval: evaluate a saved checkpoint on the test split; "
                           "summary: parameter table and FLOPs; "
-                          "attend: top-5 classes and attention map of a saved checkpoint on --image.")
+                          "attend: top-5 classes and attention map of a saved checkpoint on --image; "
+                          "benchmark: time the train and eval steps and the input pipeline "
+                          "(writes DIR/benchmark.json with --workdir).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best",
                                   "--mode=eval|attend: 'best' (by validation top-1), 'latest' or a step.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "--mode=attend: an image file (JPEG, PNG, ...; any "
@@ -123,6 +126,10 @@ def _run_mode(config) -> None:
 
         for result in attend(config, _require_workdir(), _IMAGE.value, _CHECKPOINT.value):
             print(format_result(result))
+    elif _MODE.value == "benchmark":
+        from attn_jax.benchmark import benchmark
+
+        benchmark(config, _WORKDIR.value)
     elif _MODE.value == "train":
         from attn_jax.train import TrainingDiverged, train_and_evaluate
 

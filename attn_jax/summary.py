@@ -38,11 +38,16 @@ def _trace_forward(model: nn.Module, variables, image_shape: tuple[int, int, int
     return jax.jit(forward).trace(variables, images)
 
 
-def _xla_flops(traced, batch: int) -> float:
-    cost = traced.lower().cost_analysis()
+def cost_flops(stage) -> float:
+    """FLOPs of a lowered or compiled JAX program by XLA's cost analysis (0 if it has none)."""
+    cost = stage.cost_analysis()
     if isinstance(cost, list | tuple):  # older JAX returns one dict per computation
         cost = cost[0]
-    return float(cost["flops"]) / batch
+    return float((cost or {}).get("flops", 0.0))
+
+
+def _xla_flops(traced, batch: int) -> float:
+    return cost_flops(traced.lower()) / batch
 
 
 def forward_flops(model: nn.Module, variables, image_shape: tuple[int, int, int],

@@ -34,6 +34,8 @@ other jobs, load average 6.7; measured 93.9% test top-1):
 import ml_collections
 from ml_collections import config_dict
 
+from attn_jax import benchmark
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The tutorial recipe; `arg="smoke"` gives the small offline run."""
@@ -99,6 +101,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 0  # 0: at the end of every epoch (always saved there too)
     config.checkpoint.keep = 3  # the last 3, plus the best by validation top-1
+
+    config.benchmark = benchmark.default_settings()  # --mode=benchmark's timing knobs
 
     if arg == "smoke":
         _smoke(config)
