@@ -27,6 +27,11 @@ Measured, in this order, in one process:
    pipeline (started before the timing, as in a run) and as many on the resident batch; the ratio of
    the median images/s says what the input costs the training.
 
+5. With `profile_steps` > 0 and a workdir, a `jax.profiler` trace of that many train steps in
+   `DIR/profile` (TensorBoard's profile plugin or Perfetto read it) and, where the trace names XLA's
+   ops (XLA:CPU does), the time per step by forward/backward and op kind and the slowest ops with
+   the layer each belongs to (`profile.txt`).
+
 Parts 3 and 4 need the dataset prepared in config.dataset.data_dir: the benchmark never downloads,
 and skips them (saying why) otherwise. Nothing writes unless `workdir` is given; then
 `DIR/benchmark.json` holds everything printed. Knobs: `config.benchmark.*` (`default_settings()`).
@@ -35,9 +40,11 @@ and skips them (saying why) otherwise. Nothing writes unless `workdir` is given;
 import collections
 import contextlib
 import copy
+import gzip
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -67,6 +74,7 @@ def default_settings() -> ml_collections.ConfigDict:
         "pipeline_batches": 100,  # batches timed from the cache (second epoch)
         "compare_steps": 5,  # train steps per round, real pipeline and synthetic each
         "rounds": 4,  # alternating rounds of each; medians are compared
+        "profile_steps": 0,  # > 0 (needs --workdir): trace that many train steps, print the top ops
     })
 
 # Dense peak FLOP/s per device, by the start of `jax.Device.device_kind`, most specific first.
@@ -358,6 +366,44 @@ def compare_real_synthetic(step: Callable, state, batch: dict, split: data.Split
 
 
 # ---------------------------------------------------------------------------------------------
+# Profile
+# ---------------------------------------------------------------------------------------------
+def op_names(compiled) -> dict[str, str]:
+    """XLA instruction name -> the JAX op it came from ("jit(train_step)/.../Conv_1/conv_...")."""
+    return dict(re.findall(r'%(\S+) = .*?metadata=\{op_name="([^"]+)"', compiled.as_text()))
+
+
+def profile(call: Callable[[], object], compiled, steps: int, directory: Path) -> str:
+    """Traces `steps` calls of `call` into `directory` and returns a table of where the time went:
+    per step, by forward/backward and JAX primitive, then the 15 slowest XLA ops by layer."""
+    jax.block_until_ready(call())
+    with jax.profiler.trace(str(directory)):
+        for _ in range(steps):
+            jax.block_until_ready(call())
+    names = op_names(compiled)
+    traces = sorted(directory.glob("**/*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not traces:
+        return f"trace written to {directory} (no trace.json.gz to summarise)"
+    events = json.loads(gzip.decompress(traces[-1].read_bytes()))["traceEvents"]
+    per_op: collections.Counter = collections.Counter()
+    for event in events:
+        if event.get("ph") == "X" and event.get("name") in names:
+            per_op[event["name"]] += event.get("dur", 0) / steps / 1e3  # ms per step
+    if not per_op:
+        return f"trace written to {directory} (its events do not name XLA ops: open it in a viewer)"
+    by_kind: collections.Counter = collections.Counter()
+    for name, ms in per_op.items():
+        op = names[name]
+        by_kind[("backward " if "transpose(" in op else "forward ") + op.rsplit("/", 1)[-1]] += ms
+    total = sum(per_op.values())
+    lines = [f"op time per train step: {total:.0f} ms (trace in {directory})"]
+    lines += [f"{ms:9.1f} ms {100 * ms / total:5.1f}%  {kind}" for kind, ms in by_kind.most_common(12)]
+    lines.append("slowest ops:")
+    lines += [f"{ms:9.1f} ms  {names[name].split('/', 1)[-1]}" for name, ms in per_op.most_common(15)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------------
 def host_description() -> dict:
@@ -451,6 +497,11 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str | None = None, mes
              for p in report[name]["peak_flops_per_s_all"]]
     report["peak"]["flops_per_s"] = statistics.median(peaks) if peaks else None
     report["compilations"] = dict(compilations)
+    if opts["profile_steps"] and workdir is not None:
+        table = profile(train_call, train_compiled, opts["profile_steps"], Path(workdir) / "profile")
+        (Path(workdir) / "profile.txt").write_text(table + "\n")
+        report["profile"] = str(Path(workdir) / "profile.txt")
+        say(table)
     for name in ("train", "eval"):
         if name in report:
             r = report[name]

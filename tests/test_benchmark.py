@@ -10,7 +10,7 @@ import pytest
 from attn_jax import benchmark, summary, train
 
 QUICK = {"warmup": 1, "repeats": 2, "steps": 1, "matmul_sizes": (128,), "matmul_repeats": 2,
-         "pipeline_batches": 2, "compare_steps": 2, "rounds": 1}
+         "pipeline_batches": 2, "compare_steps": 2, "rounds": 1, "profile_steps": 1}
 
 
 def _quick(config):
@@ -44,6 +44,11 @@ def test_benchmark_reports_speed_flops_mfu_and_the_input_pipeline(tmp_path, tiny
         assert min(ratios) * 0.99 <= r["mfu"] <= max(ratios) * 1.01 and r["mfu"] > 0
     peaks = report["train"]["peak_flops_per_s_all"] + report["eval"]["peak_flops_per_s_all"]
     assert min(peaks) <= report["peak"]["flops_per_s"] <= max(peaks)
+    # The profile attributes the step's time to the model's layers, forward and backward.
+    profile = (tmp_path / "profile.txt").read_text()
+    assert profile.startswith("op time per train step:")
+    assert "forward conv_general_dilated" in profile and "backward " in profile
+    assert "PatchConvNetTutorial)/ConvStem_0/" in profile
     pipeline = report["input_pipeline"]
     assert pipeline["first_epoch"]["batches"] == 160 // config.batch_size
     assert pipeline["later_epoch"]["batches"] == QUICK["pipeline_batches"]
@@ -79,15 +84,14 @@ def test_bfloat16_computes_in_bfloat16_with_float32_parameters_and_loss(tiny_con
     tx = train.create_optimizer(config.optimizer, train.create_learning_rate_fn(config.optimizer, 10))
     state = train.create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh)
     assert {p.dtype for p in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
-    images = jnp.zeros((2, 16, 16, 3))
-    logits, attention = model.apply({"params": state.params}, images, train=False)
+    logits, attention = jax.eval_shape(
+        lambda p: model.apply({"params": p}, jnp.zeros((2, 16, 16, 3)), train=False), state.params)
     assert logits.dtype == attention.dtype == jnp.float32  # float32 softmax and logits
-    hlo = jax.jit(lambda p: model.apply({"params": p}, images, train=False)).lower(
-        state.params).as_text()
-    assert "bf16" in hlo  # the convolutions and matmuls run in bfloat16
     train_fn, _ = train.jit_steps(config, mesh)
     batch = benchmark.synthetic_batch(16, (32, 32, 3), 10, mesh)
-    new_state, sums = train_fn(state, batch, jax.random.key(1), None)
+    lowered = train_fn.lower(state, batch, jax.random.key(1), None)
+    assert "xbf16>" in lowered.as_text()  # the convolutions and matmuls run in bfloat16
+    new_state, sums = lowered.compile()(state, batch, jax.random.key(1), None)
     assert sums["loss"].dtype == jnp.float32 and bool(jnp.isfinite(sums["loss"]))
     assert {p.dtype for p in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}
     assert train.compute_dtype("auto") == jnp.float32  # on CPU

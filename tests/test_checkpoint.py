@@ -14,12 +14,12 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import ROOT, load_experiment
 
-from attn_jax import train
+from attn_jax import benchmark, train
 from attn_jax.errors import UserError
 
 # A tiny PatchConvNet on 480 digits: 30 steps per epoch, 2 epochs, a checkpoint every 10 steps and
 # a log line every step (so the test can see the step the run has reached).
-OVERRIDES = {"dataset.train_split": "train[:480]", "dataset.val_split": "train[1150:1278]",
+OVERRIDES = {"dataset.train_split": "train[:480]", "dataset.val_split": "train[1150:1270]",
              "dataset.test_split": "test[:128]",
              "batch_size": 16, "eval_batch_size": 64, "num_epochs": 2, "log_every_steps": 1,
              "preprocess.size": 16, "preprocess.train_resize": 18, "preprocess.crop": 16,
@@ -154,7 +154,11 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, digits_
     for path in (workdir / "checkpoints" / str(steps[-1]) / "state").rglob("*"):
         if path.is_file():
             path.write_bytes(b"garbage")
-    final = train.train_and_evaluate(_config(digits_data_dir), str(workdir))
+    with benchmark.count_compilations() as compilations:
+        final = train.train_and_evaluate(_config(digits_data_dir), str(workdir))
+    # A resumed run compiles each step once: the partial last evaluation batch (val: 120 = 64 + 56)
+    # is padded to the compiled shape, and the val and test splits share the eval step.
+    assert (compilations["jit(train_step)"], compilations["jit(eval_step)"]) == (1, 1)
     out = capsys.readouterr().out
     assert f"checkpoint {workdir / 'checkpoints' / str(steps[-1])} is unreadable" in out
     assert (workdir / "checkpoints_unreadable" / str(steps[-1])).is_dir()  # set aside, not lost
