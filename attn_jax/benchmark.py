@@ -57,25 +57,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from attn_jax import data, summary, train
+from attn_jax.benchmark_settings import default_settings
 from attn_jax.errors import UserError
-
-
-def default_settings() -> ml_collections.ConfigDict:
-    """The benchmark's knobs, an experiment's `config.benchmark` (so `--config.benchmark.x=...`
-    overrides them); none changes what is computed, only how long and how often it is timed."""
-    return ml_collections.ConfigDict({
-        "warmup": 2,  # untimed calls of each step before the timings
-        "repeats": 5,  # timings per step; the median is reported
-        "steps": 3,  # calls per timing
-        "eval": True,  # also time the eval step
-        "matmul_sizes": (2048, 4096),  # CPU peak: square matmul sizes tried, the best one counts
-        "matmul_repeats": 5,
-        "pipeline": True,  # time the input pipeline and real-vs-synthetic training (needs the data)
-        "pipeline_batches": 100,  # batches timed from the cache (second epoch)
-        "compare_steps": 5,  # train steps per round, real pipeline and synthetic each
-        "rounds": 4,  # alternating rounds of each; medians are compared
-        "profile_steps": 0,  # > 0 (needs --workdir): trace that many train steps, print the top ops
-    })
 
 # Dense peak FLOP/s per device, by the start of `jax.Device.device_kind`, most specific first.
 # float32 on GPU counts TF32 tensor cores (JAX's default matmul precision there); on TPU float32

@@ -34,7 +34,7 @@ other jobs, load average 6.7; measured 93.9% test top-1):
 import ml_collections
 from ml_collections import config_dict
 
-from attn_jax import benchmark
+from attn_jax.benchmark_settings import default_settings as benchmark_settings
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -102,7 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 0  # 0: at the end of every epoch (always saved there too)
     config.checkpoint.keep = 3  # the last 3, plus the best by validation top-1
 
-    config.benchmark = benchmark.default_settings()  # --mode=benchmark's timing knobs
+    config.benchmark = benchmark_settings()  # --mode=benchmark's timing knobs
 
     if arg == "smoke":
         _smoke(config)
