@@ -34,7 +34,7 @@ Measured, in this order, in one process:
 
 Parts 3 and 4 need the dataset prepared in config.dataset.data_dir: the benchmark never downloads,
 and skips them (saying why) otherwise. Nothing writes unless `workdir` is given; then
-`DIR/benchmark.json` holds everything printed. Knobs: `config.benchmark.*` (`default_settings()`).
+`DIR/benchmark.json` holds everything printed. Knobs: `config.benchmark.*` (`benchmark_settings()`).
 """
 
 import collections
@@ -57,8 +57,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from attn_jax import data, summary, train
-from attn_jax.benchmark_settings import default_settings
 from attn_jax.errors import UserError
+from attn_jax.experiment import benchmark_settings
 
 # Dense peak FLOP/s per device, by the start of `jax.Device.device_kind`, most specific first.
 # float32 on GPU counts TF32 tensor cores (JAX's default matmul precision there); on TPU float32
@@ -77,8 +77,8 @@ BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def settings(config: ml_collections.ConfigDict) -> dict:
-    """`default_settings()` updated by the config's `benchmark` section, if it has one."""
-    opts = default_settings().to_dict()
+    """`benchmark_settings()` updated by the config's `benchmark` section, if it has one."""
+    opts = benchmark_settings().to_dict()
     if "benchmark" in config:
         opts.update(config.benchmark.to_dict())
     return opts

@@ -46,10 +46,6 @@ def cost_flops(stage) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-def _xla_flops(traced, batch: int) -> float:
-    return cost_flops(traced.lower()) / batch
-
-
 def forward_flops(model: nn.Module, variables, image_shape: tuple[int, int, int],
                   batch: int = 1) -> float:
     """XLA's cost-analysis FLOPs of one eval forward pass, per image.
@@ -57,7 +53,7 @@ def forward_flops(model: nn.Module, variables, image_shape: tuple[int, int, int]
     XLA counts a multiply-add as 2 FLOPs and counts every op, element-wise ones included (an exact
     GELU costs it 66 FLOPs per element); the papers' convention is `forward_macs`.
     """
-    return _xla_flops(_trace_forward(model, variables, image_shape, batch), batch)
+    return cost_flops(_trace_forward(model, variables, image_shape, batch).lower()) / batch
 
 
 def forward_macs(model: nn.Module, variables, image_shape: tuple[int, int, int]) -> int:
@@ -105,7 +101,7 @@ def format_summary(model: nn.Module, image_shape: tuple[int, int, int]) -> str:
     lines = [f"{'module':<{width}}  {'params':>12}"]
     lines += [f"{name:<{width}}  {count:>12,}" for name, count in rows]
     traced = _trace_forward(model, variables, image_shape, 1)  # one trace for both counts
-    flops = _xla_flops(traced, 1)
+    flops = cost_flops(traced.lower())
     macs = _jaxpr_macs(traced.jaxpr.jaxpr)
     lines.append(f"input: {'x'.join(map(str, image_shape))}")
     lines.append("forward FLOPs per image (XLA cost analysis: all ops, multiply-add = 2): "

@@ -12,7 +12,6 @@ command lines for a cluster scheduler. `write_report` tabulates the finished poi
 """
 
 import csv
-import importlib.util
 import json
 import shlex
 import statistics
@@ -21,6 +20,7 @@ import sys
 from pathlib import Path
 
 from attn_jax.errors import UserError
+from attn_jax.experiment import load_module
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch.py"
 COLUMNS = ("val/top1", "val/top5", "test/top1", "test/top5", "num_params", "train_images_per_s")
@@ -29,9 +29,7 @@ COLUMNS = ("val/top1", "val/top5", "test/top1", "test/top5", "num_params", "trai
 def points(config_arg: str) -> list[dict]:
     """The sweep points of the experiment `path[:arg]`, validated."""
     path, _, arg = config_arg.partition(":")
-    spec = importlib.util.spec_from_file_location("experiment_with_sweep", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(path)
     if not hasattr(module, "get_sweep"):
         raise UserError(f"{path} defines no get_sweep(): --sweep needs an experiment that does")
     sweep = module.get_sweep(arg or None)

@@ -34,7 +34,7 @@ other jobs, load average 6.7; measured 93.9% test top-1):
 import ml_collections
 from ml_collections import config_dict
 
-from attn_jax.benchmark_settings import default_settings as benchmark_settings
+from attn_jax.experiment import benchmark_settings
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -18,7 +18,7 @@ reaches >= 90% test top-1):
 import ml_collections
 from ml_collections import config_dict
 
-from attn_jax.benchmark_settings import default_settings as benchmark_settings
+from attn_jax.experiment import benchmark_settings
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

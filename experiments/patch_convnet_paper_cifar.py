@@ -35,24 +35,14 @@ under a load of 6-8 (training ran at about 1,050 images/s, 42 s of it; compiling
     python launch.py --config=experiments/patch_convnet_paper_cifar.py:smoke --workdir=runs/smoke_paper
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-
-def _tutorial_config(arg: str | None) -> ml_collections.ConfigDict:
-    """`get_config(arg)` of experiments/patch_convnet.py, beside this file."""
-    spec = importlib.util.spec_from_file_location("experiments_patch_convnet",
-                                                  Path(__file__).with_name("patch_convnet.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+from attn_jax.experiment import sibling_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The tutorial's recipe with a paper-family PatchConvNet; `arg="smoke"` for the offline run."""
-    config = _tutorial_config(arg)  # the tutorial's recipe, or its :smoke run
+    config = sibling_config(__file__, "patch_convnet", arg)  # the tutorial's recipe, or its :smoke run
     config.preprocess.size = 32  # native CIFAR size: 2 stride-2 convs -> 8x8 patches
     config.preprocess.train_resize = 36  # training: resize 32 -> 36, random crop 32 (+ flip)
     config.preprocess.crop = 32

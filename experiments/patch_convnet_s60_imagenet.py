@@ -55,27 +55,18 @@ Mixed precision: dtype "auto" computes in bfloat16 on GPU/TPU (the official code
 autocast) and float32 on CPU; residual streams, LayerNorm and softmax stay float32.
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-
-def _tutorial_config() -> ml_collections.ConfigDict:
-    """`get_config()` of experiments/patch_convnet.py, beside this file: the schema every
-    experiment follows. Every value of the recipe is set again below."""
-    spec = importlib.util.spec_from_file_location("experiments_patch_convnet",
-                                                  Path(__file__).with_name("patch_convnet.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from attn_jax.experiment import sibling_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """S60 with DeiT's recipe on ImageNet-1k at 224 px."""
     if arg:
         raise ValueError(f"unknown config argument {arg!r}: this experiment takes none")
-    config = _tutorial_config()
+    # The tutorial experiment's config: the schema every experiment follows; every value of the
+    # recipe is set again below.
+    config = sibling_config(__file__, "patch_convnet")
     config.seed = 0
     config.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU
     config.batch_size = 1024  # global, over all devices

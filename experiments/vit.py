@@ -20,23 +20,13 @@ average 8.4; measured 96.1% test top-1):
     python launch.py --config=experiments/vit.py:smoke --workdir=runs/vit_smoke
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-
-def _eanet_config(arg: str | None) -> ml_collections.ConfigDict:
-    """`get_config(arg)` of experiments/eanet.py, beside this file."""
-    spec = importlib.util.spec_from_file_location("experiments_eanet",
-                                                  Path(__file__).with_name("eanet.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+from attn_jax.experiment import sibling_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """EANet's config (tutorial recipe, or `arg="smoke"`) with self-attention."""
-    config = _eanet_config(arg)
+    config = sibling_config(__file__, "eanet", arg)
     config.model.attention = "self"  # 4 heads of key dim = dim; ignores dim_coefficient, memory_slots
     return config

@@ -1,6 +1,5 @@
 """Test setup: 8 fake CPU devices, so every test exercises the multi-device path."""
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -19,16 +18,15 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import pytest  # noqa: E402
 
+from attn_jax.experiment import load_module  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TFDS = ROOT.parent / "shared" / "tfds"
 
 
 def load_experiment(name: str, arg: str | None = None):
     """`get_config(arg)` of experiments/<name>.py, as launch.py would load it."""
-    spec = importlib.util.spec_from_file_location(f"exp_{name}", ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_module(ROOT / "experiments" / f"{name}.py").get_config(arg)
 
 
 def tiny_patch_convnet_config(**overrides):

@@ -89,15 +89,11 @@ def test_uneven_eval_shards_pad_to_the_same_batch_count(digits_data_dir):
 
 
 SWEEP_EXPERIMENT = """
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location("base", {base!r})
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from attn_jax.experiment import load_module
 
 
 def get_config(arg=None):
-    config = _base.get_config("smoke")
+    config = load_module({base!r}).get_config("smoke")
     config.dataset.data_dir = {data_dir!r}
     for key, value in {small!r}.items():
         section, _, leaf = key.rpartition(".")

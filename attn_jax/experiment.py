@@ -1,10 +1,30 @@
-"""`config.benchmark`'s defaults, kept apart from `benchmark.py` so that loading an experiment file
-stays light (no TensorFlow or JAX import)."""
+"""What experiment files use: loading one another by path (`experiments/` is a folder of files,
+not a package) and the benchmark's default knobs. Light on purpose: loading an experiment imports no
+JAX or TensorFlow."""
+
+import importlib.util
+import types
+from pathlib import Path
 
 import ml_collections
 
 
-def default_settings() -> ml_collections.ConfigDict:
+def load_module(path: str | Path) -> types.ModuleType:
+    """The Python file at `path`, executed as a module."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sibling_config(file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the experiment `name` in the folder of `file` (an experiment's
+    `__file__`): how one experiment builds on another."""
+    return load_module(Path(file).with_name(f"{name}.py")).get_config(arg)
+
+
+def benchmark_settings() -> ml_collections.ConfigDict:
     """The benchmark's knobs, an experiment's `config.benchmark` (so `--config.benchmark.x=...`
     overrides them); none changes what is computed, only how long and how often it is timed."""
     return ml_collections.ConfigDict({
