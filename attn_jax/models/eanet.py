@@ -23,13 +23,16 @@ left to the loss: the model returns logits.
 """
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attn_jax.errors import UserError
+from attn_jax.models.chunking import attention_chunks, map_in_chunks, num_chunks
 
 Dtype = Any
 gelu = functools.partial(nn.gelu, approximate=False)
@@ -74,19 +77,45 @@ def double_normalize(logits: jax.Array, token_axis: int = 1) -> jax.Array:
     return l1_over_slots(softmax_over_tokens(logits, token_axis))
 
 
-class DenseParams(nn.Module):
-    """A Keras Dense layer's variables, returned, not applied: () -> (kernel [in, out], bias [out]).
+def keep_mask(module: nn.Module, rate: float, shape: tuple[int, ...],
+              train: bool) -> jax.Array | None:
+    """The keep mask [shape] that `nn.Dropout(rate)` would draw, from `module`'s "dropout" rng, or
+    None when nothing is dropped (evaluation, or rate 0). Drawn for the whole batch, so that
+    computing the layer in chunks of examples does not change it."""
+    if not train or rate == 0:
+        return None
+    return jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, shape)
 
-    Glorot-uniform kernel and zero bias, stored as {kernel, bias} exactly as `nn.Dense` stores them.
+
+def apply_dropout(x: jax.Array, keep: jax.Array | None, rate: float) -> jax.Array:
+    """`nn.Dropout` with a given mask: kept values divided by 1 - rate, the rest 0. Same shape."""
+    if keep is None:
+        return x
+    if rate == 1:
+        return jnp.zeros_like(x)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+class DenseParams(nn.Module):
+    """A Keras Dense layer's variables, returned, not applied: () -> (kernel [*in, *out], bias [*out]).
+
+    Glorot-uniform on the kernel seen as a matrix [prod(in), prod(out)] and a zero bias, stored as
+    {kernel, bias} exactly as `nn.Dense` (int shapes) or `nn.DenseGeneral` (tuples) store them.
     """
 
-    in_features: int
-    features: int
+    in_shape: int | tuple[int, ...]
+    out_shape: int | tuple[int, ...]
 
     @nn.compact
     def __call__(self):
-        kernel = self.param("kernel", glorot, (self.in_features, self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        in_shape, out_shape = (tuple(np.atleast_1d(s)) for s in (self.in_shape, self.out_shape))
+
+        def init(key, shape, dtype):
+            matrix = glorot(key, (math.prod(in_shape), math.prod(out_shape)), dtype)
+            return matrix.reshape(shape)
+
+        kernel = self.param("kernel", init, in_shape + out_shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, out_shape, jnp.float32)
         return kernel, bias
 
 
@@ -112,7 +141,9 @@ class ExternalAttention(nn.Module):
     inner -> dim). When `fold_memories` says it is cheaper, the linear maps on either side of the
     double normalisation are composed first (expand then M_k into one [dim, heads * S] kernel, M_v
     then out into one [heads * S, dim] kernel): the same function of the same parameters, computed
-    in a different order.
+    in a different order. On CPU the attention runs a few examples at a time (`chunking.py`: the
+    softmax over tokens then reads each example's weights from cache); the dropout mask is drawn
+    for the whole batch first, so it does not depend on the chunking.
     """
 
     num_heads: int
@@ -140,28 +171,69 @@ class ExternalAttention(nn.Module):
         if fold:  # (x W_e + b_e) W_k + b_k = x (W_e W_k) + (b_e W_k + b_k), per head
             key_kernel = jnp.einsum("chd,ds->chs", w_e.reshape(dim, heads, head_dim), w_k)
             key_bias = b_e.reshape(heads, head_dim) @ w_k + b_k
-            logits = dense(x, key_kernel.reshape(dim, heads * slots), key_bias.reshape(-1))
-            logits = logits.reshape(batch, tokens, heads, slots)
-        else:
-            queries = dense(x, w_e, b_e).reshape(batch, tokens, heads, head_dim)
-            logits = dense(queries, w_k, b_k)  # [B, N, h, S]
-        attn = double_normalize(logits, token_axis=1)
-        attn = nn.Dropout(self.attention_dropout)(attn, deterministic=not train)
+            # merge(a W_v + b_v) W_o + b_o = a (W_v W_o per head) + (b_v sum_h W_o_h + b_o)
+            w_o_heads = w_o.reshape(heads, head_dim, dim)
+            value_kernel = jnp.einsum("sd,hdo->hso", w_v, w_o_heads)
+            value_bias = b_v @ jnp.sum(w_o_heads, axis=0) + b_o
 
-        if fold:  # merge(a W_v + b_v) W_o + b_o = a (W_v W_o per head) + (b_v sum_h W_o_h + b_o)
-            w_o = w_o.reshape(heads, head_dim, dim)
-            value_kernel = jnp.einsum("sd,hdo->hso", w_v, w_o).reshape(heads * slots, dim)
-            value_bias = b_v @ jnp.sum(w_o, axis=0) + b_o
-            y = dense(attn.reshape(batch, tokens, heads * slots), value_kernel, value_bias)
+            def to_logits(x):  # [b, N, dim] -> [b, N, h, S]
+                logits = dense(x, key_kernel.reshape(dim, -1), key_bias.reshape(-1))
+                return logits.reshape(*x.shape[:2], heads, slots)
+
+            def from_weights(attn):  # [b, N, h, S] -> [b, N, dim]
+                merged = attn.reshape(*attn.shape[:2], heads * slots)
+                return dense(merged, value_kernel.reshape(-1, dim), value_bias)
         else:
-            values = dense(attn, w_v, b_v).reshape(batch, tokens, inner)  # merge heads
-            y = dense(values, w_o, b_o)
+            def to_logits(x):
+                queries = dense(x, w_e, b_e).reshape(*x.shape[:2], heads, head_dim)
+                return dense(queries, w_k, b_k)
+
+            def from_weights(attn):
+                values = dense(attn, w_v, b_v)  # [b, N, h, head_dim]
+                return dense(values.reshape(*attn.shape[:2], inner), w_o, b_o)  # merge heads
+
+        def attention(x, keep):  # one chunk of examples: [b, N, dim] -> [b, N, dim]
+            weights = double_normalize(to_logits(x), token_axis=1)
+            return from_weights(apply_dropout(weights, keep, self.attention_dropout))
+
+        keep = keep_mask(self, self.attention_dropout, (batch, tokens, heads, slots), train)
+        y = map_in_chunks(attention, num_chunks(batch, tokens * heads * slots * 4), x, keep)
         return nn.Dropout(self.projection_dropout)(y, deterministic=not train)
 
 
-def heads_first(x: jax.Array) -> jax.Array:
-    """Swaps the token and head axes: [B, N, h, d] <-> [B, h, N, d]."""
-    return x.swapaxes(1, 2)
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array | None,
+           rate: float) -> jax.Array:
+    """softmax(q k^T) v with dropout on the weights: [B, h, N, d] x 3 -> [B, h, N, d].
+
+    `q` comes scaled; the softmax is in float32; `keep` [B, h, N, N] is the dropout's keep mask
+    (`keep_mask`) for dropout `rate`, or None.
+    """
+    scores = q @ k.swapaxes(-1, -2)  # [B, h, N, N]
+    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+    return apply_dropout(weights, keep, rate).astype(v.dtype) @ v
+
+
+def multi_head_self_attention(params: dict, x: jax.Array, keep: jax.Array | None, *,
+                              rate: float, dtype: Dtype) -> jax.Array:
+    """Projections, attention, output projection: x [B, N, c] -> [B, N, c].
+
+    `params` maps query/key/value to (kernel [c, h, d], bias [h, d]) and out to (kernel [h, d, c],
+    bias [c]). The projections produce heads first, [B, h, N, d], so that both attention products
+    are plain batched matmuls (with the heads in the middle XLA:CPU laid the weights-times-values
+    product out transposed and ran the attention a third slower on the tutorial's shapes).
+    """
+    x = x.astype(dtype)
+
+    def project(name):  # [B, N, c] -> [B, h, N, d]
+        kernel, bias = params[name]
+        return (jnp.einsum("bnc,chd->bhnd", x, kernel.astype(dtype))
+                + bias[:, None, :].astype(dtype))
+
+    q, k, v = project("query"), project("key"), project("value")
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)
+    attended = attend(q, k, v, keep, rate)
+    kernel, bias = params["out"]
+    return jnp.einsum("bhnd,hdc->bnc", attended, kernel.astype(dtype)) + bias.astype(dtype)
 
 
 class SelfAttention(nn.Module):
@@ -169,7 +241,10 @@ class SelfAttention(nn.Module):
 
     Query/key/value projections to [heads, dim] with bias, scores scaled by 1/sqrt(dim), softmax in
     float32, dropout on the weights, output projection from [heads, dim] to dim with bias. As in the
-    tutorial's ViT baseline, there is no dropout after the output projection.
+    tutorial's ViT baseline, there is no dropout after the output projection. The parameters are
+    stored as `nn.DenseGeneral` stores them. On CPU the layer runs a few examples at a time
+    (`chunking.py`); the dropout mask is drawn for the whole batch first, so it does not depend on
+    the chunking.
     """
 
     num_heads: int
@@ -178,20 +253,15 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        dim = x.shape[-1]
-        proj = functools.partial(nn.DenseGeneral, (self.num_heads, dim), kernel_init=glorot,
-                                 dtype=self.dtype)
-        # Heads first, [B, h, N, dim], so that both products are plain batched matmuls: with the
-        # heads in the middle XLA:CPU laid the weights-times-values product out transposed and ran
-        # the attention a third slower (measured on the tutorial's shapes).
-        q, k, v = (heads_first(proj(name=name)(x)) for name in ("query", "key", "value"))
-        q = q * jnp.asarray(dim ** -0.5, q.dtype)
-        scores = q @ k.swapaxes(-1, -2)  # [B, h, N, N]
-        weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-        weights = nn.Dropout(self.attention_dropout)(weights, deterministic=not train)
-        attended = heads_first(weights.astype(v.dtype) @ v)  # back to [B, N, h, dim]
-        return nn.DenseGeneral(dim, axis=(-2, -1), kernel_init=glorot, dtype=self.dtype,
-                               name="out")(attended)
+        batch, tokens, dim = x.shape
+        heads = self.num_heads
+        params = {name: DenseParams(dim, (heads, dim), name=name)()
+                  for name in ("query", "key", "value")}
+        params["out"] = DenseParams((heads, dim), dim, name="out")()
+        keep = keep_mask(self, self.attention_dropout, (batch, heads, tokens, tokens), train)
+        layer = functools.partial(multi_head_self_attention, params, rate=self.attention_dropout,
+                                  dtype=self.dtype)
+        return map_in_chunks(layer, attention_chunks(batch, heads, tokens, tokens), x, keep)
 
 
 class Mlp(nn.Module):
