@@ -17,9 +17,11 @@ Measured, in this order, in one process:
    (`train.jit_steps`), timed on one device-resident batch of random uint8 images (synthetic: no
    input pipeline): `warmup` calls, then `repeats` timings of `steps` calls each; the median per
    step gives images/s. FLOPs per image come from XLA's cost analysis of the compiled step (every
-   op it keeps, element-wise ones included, a multiply-add as 2): `mfu` is those FLOP/s over the
-   peak. `mfu_model` counts model FLOPs instead, the usual convention: the convolutions and matrix
-   products of one forward pass (`model_flops`), three times for a train step, once for eval.
+   op it keeps, element-wise ones included, a multiply-add as 2; a step with loops, as attention
+   computed in chunks of examples on CPU, is counted from its whole-batch form, since XLA counts a
+   loop body once): `mfu` is those FLOP/s over the peak. `mfu_model` counts model FLOPs instead,
+   the usual convention: the convolutions and matrix products of one forward pass (`model_flops`),
+   three times for a train step, once for eval.
 3. The input pipeline alone (`data.train_batches` + `data.prefetch_to_mesh`, nothing stepping): the
    first epoch, which decodes and fills the shuffle buffer and the cache, and `pipeline_batches`
    batches of the next one, as every later epoch of a run reads them.
@@ -59,6 +61,7 @@ import tensorflow_datasets as tfds
 from attn_jax import data, summary, train
 from attn_jax.errors import UserError
 from attn_jax.experiment import benchmark_settings
+from attn_jax.models import chunking
 
 # Dense peak FLOP/s per device, by the start of `jax.Device.device_kind`, most specific first.
 # float32 on GPU counts TF32 tensor cores (JAX's default matmul precision there); on TPU float32
@@ -172,10 +175,24 @@ def device_peak(dtype: str, mesh, opts: dict) -> tuple[dict, Callable[[], float]
 # ---------------------------------------------------------------------------------------------
 # FLOP counts
 # ---------------------------------------------------------------------------------------------
-def xla_flops(compiled, num_devices: int) -> float:
+def xla_flops(compiled, num_devices: int, whole_batch: Callable[[], object]) -> float:
     """FLOPs of one call of a compiled program on `num_devices` devices, from XLA's cost analysis
-    (of the per-device, SPMD-partitioned program: scaled by the number of devices)."""
+    (of the per-device, SPMD-partitioned program: scaled by the number of devices).
+
+    XLA counts a loop's body once, so a program with loops (attention computed a few examples at a
+    time on CPU, `models/chunking.py`) is counted from `whole_batch()`: the same step compiled with
+    `chunking.whole_batch()`, the same function without the loops.
+    """
+    if " while(" in compiled.as_text():
+        compiled = whole_batch()
     return summary.cost_flops(compiled) * num_devices
+
+
+def compile_whole_batch(config: ml_collections.ConfigDict, mesh, step: str, *args):
+    """The train or eval `step` compiled afresh with whole-batch attention, for its FLOP count."""
+    with chunking.whole_batch():
+        train_fn, eval_fn = train.jit_steps(config, mesh)
+        return (train_fn if step == "train" else eval_fn).lower(*args).compile()
 
 
 def model_flops(model, image_shape: tuple[int, int, int]) -> float:
@@ -470,11 +487,15 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str | None = None, mes
                                    opts["warmup"], opts["repeats"], opts["steps"], probe)
     forward = model_flops(model, (size, size, 3))
     report["train"] = _step_report(
-        *train_times, config.batch_size, xla_flops(train_compiled, num_devices), 3 * forward,
+        *train_times, config.batch_size,
+        xla_flops(train_compiled, num_devices, lambda: compile_whole_batch(
+            config, mesh, "train", state_box[0], batch, train_key, stats)), 3 * forward,
         train_lower_s, train_compile_s)
     if opts["eval"]:
         report["eval"] = _step_report(
-            *eval_times, config.eval_batch_size, xla_flops(eval_compiled, num_devices), forward,
+            *eval_times, config.eval_batch_size,
+            xla_flops(eval_compiled, num_devices, lambda: compile_whole_batch(
+                config, mesh, "eval", state_box[0], eval_batch, stats)), forward,
             eval_lower_s, eval_compile_s)
     peaks = [p for name in ("train", "eval") if name in report
              for p in report[name]["peak_flops_per_s_all"]]
