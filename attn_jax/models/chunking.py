@@ -3,11 +3,12 @@
 The ViT baseline's attention weights are [B, heads, N, N] = 128 x 4 x 256 x 256 floats (134 MB) per
 block at the tutorial's batch. XLA:CPU computes the scores, the softmax's max, sum and division, the
 dropout and the weighted sum as separate passes over that tensor, each from main memory; in the
-backward pass again. `map_in_chunks` applies the attention to one chunk of examples at a time
-(`lax.map`) and recomputes each chunk's intermediates in the backward pass (`jax.checkpoint`), so
-that every pass reads a chunk that is still in the CPU's last-level cache. On the tutorial's shapes
-this made the attention's forward and backward about a third faster on the project's 2-core machine
-(see the README's Performance section).
+backward pass again. EANet's softmax over the tokens of [B, N, heads, S] weights is strided the same
+way. `map_in_chunks` applies a layer to one chunk of examples at a time (`lax.map`) and recomputes
+each chunk's intermediates in the backward pass (`jax.checkpoint`), so that every pass reads data
+that is still in cache. On the project's 2-core machine, timed alternately in one process, the ViT's
+self-attention layer (forward and backward, batch 128) took 659 ms in chunks against 900 ms whole,
+and the train steps ran 1.13x (ViT) and 1.26x (EANet) as fast.
 
 The result is the same function: each example's attention is computed alone in both forms, and the
 dropout mask is drawn for the whole batch before it is split, so it does not depend on the chunking.
