@@ -8,7 +8,8 @@ way. `map_in_chunks` applies a layer to one chunk of examples at a time (`lax.ma
 each chunk's intermediates in the backward pass (`jax.checkpoint`), so that every pass reads data
 that is still in cache. On the project's 2-core machine, timed alternately in one process, the ViT's
 self-attention layer (forward and backward, batch 128) took 659 ms in chunks against 900 ms whole,
-and the train steps ran 1.13x (ViT) and 1.26x (EANet) as fast.
+and the train steps ran 1.07-1.13x (ViT) and 1.25x (EANet) as fast
+(`benchmarks/compare_chunking.py`).
 
 The result is the same function: each example's attention is computed alone in both forms, and the
 dropout mask is drawn for the whole batch before it is split, so it does not depend on the chunking.
