@@ -228,6 +228,17 @@ def synthetic_batch(size: int, image_shape, num_classes: int, mesh, seed: int = 
                            "mask": np.ones(local, bool)}, mesh)
 
 
+def initial_state(config: ml_collections.ConfigDict, mesh) -> tuple:
+    """(model, initial train state on `mesh`, train key), built as a run builds them but without
+    data: the learning-rate schedule assumes 1000 steps (its values do not change the speed)."""
+    model = train.create_model(config, config.dataset.num_classes)
+    tx = train.create_optimizer(config.optimizer,
+                                train.create_learning_rate_fn(config.optimizer, 1000))
+    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    size = config.preprocess.size
+    return model, train.create_train_state(model, tx, init_key, (size, size, 3), mesh), train_key
+
+
 def placeholder_stats(config: ml_collections.ConfigDict):
     """Per-channel statistics for "standardize" (their values do not change the speed), or None."""
     if config.preprocess.normalize != "standardize":
@@ -455,12 +466,8 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str | None = None, mes
     # The steps, built and compiled as a training run builds them.
     data.local_batch_size(config.batch_size, mesh)  # the same errors as a run for a bad batch
     num_classes = config.dataset.num_classes
-    model = train.create_model(config, num_classes)
-    schedule = train.create_learning_rate_fn(config.optimizer, 1000)
-    tx = train.create_optimizer(config.optimizer, schedule)
-    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    model, state, train_key = initial_state(config, mesh)
     size = config.preprocess.size
-    state = train.create_train_state(model, tx, init_key, (size, size, 3), mesh)
     train_fn, eval_fn = train.jit_steps(config, mesh)
     image_shape = raw_image_shape(config)
     stats = placeholder_stats(config)

@@ -11,30 +11,22 @@ per-round ratios are compared; their median is the figure.
 import argparse
 import contextlib
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import jax
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from attn_jax import benchmark, train  # noqa: E402
-from attn_jax.experiment import load_module  # noqa: E402
-from attn_jax.models import chunking  # noqa: E402
+from attn_jax import benchmark, train
+from attn_jax.experiment import load_module
+from attn_jax.models import chunking
 
 
 def compiled_step(config, mesh, batch, stats, whole: bool):
-    """(compiled train step, fresh state) of the experiment, with or without chunked attention."""
-    model = train.create_model(config, config.dataset.num_classes)
-    tx = train.create_optimizer(config.optimizer,
-                                train.create_learning_rate_fn(config.optimizer, 1000))
-    size = config.preprocess.size
-    state = train.create_train_state(model, tx, jax.random.key(config.seed), (size, size, 3), mesh)
+    """(compiled train step, fresh state, train key) of the experiment, with or without chunked
+    attention."""
+    _, state, train_key = benchmark.initial_state(config, mesh)
     with chunking.whole_batch() if whole else contextlib.nullcontext():
         train_fn, _ = train.jit_steps(config, mesh)
-        return train_fn.lower(state, batch, jax.random.key(1), stats).compile(), state
+        return [train_fn.lower(state, batch, train_key, stats).compile(), state, train_key]
 
 
 def main() -> None:
@@ -47,13 +39,13 @@ def main() -> None:
     stats = benchmark.placeholder_stats(config)
     batch = benchmark.synthetic_batch(config.batch_size, benchmark.raw_image_shape(config),
                                       config.dataset.num_classes, mesh)
-    steps = {name: list(compiled_step(config, mesh, batch, stats, name == "whole"))
+    steps = {name: compiled_step(config, mesh, batch, stats, name == "whole")
              for name in ("whole", "chunked")}
 
     def timed_step(name):
-        compiled, state = steps[name]
+        compiled, state, train_key = steps[name]
         start = time.perf_counter()
-        state, _ = compiled(state, batch, jax.random.key(1), stats)
+        state, _ = compiled(state, batch, train_key, stats)
         jax.block_until_ready(state)
         steps[name][1] = state
         return time.perf_counter() - start

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attn_jax import benchmark, summary
 from attn_jax.models import chunking, eanet
 
 
@@ -102,8 +103,6 @@ def test_attention_in_chunks_is_the_same_with_dropout(monkeypatch, attention):
 
 def test_benchmark_counts_a_chunked_step_by_its_whole_batch_form(monkeypatch):
     """XLA's cost analysis counts a loop's body once; the benchmark recompiles without the loop."""
-    from attn_jax import benchmark, summary
-
     if jax.default_backend() != "cpu":
         pytest.skip("chunking is CPU-only")
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 1)
