@@ -169,15 +169,12 @@ def render_side_by_side(image: np.ndarray, attention: np.ndarray, path: Path,
 # During training
 # ---------------------------------------------------------------------------------------------
 def fixed_images(split, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first n examples of `split` in its stored order, (uint8 images, int labels): the same
-    every time it is called."""
-    images, labels = [], []
-    for image, label in split.dataset.take(n):
-        images.append(image.numpy())
-        labels.append(int(label))
-    if not images:
+    """The first n examples of `split` (a `data.Split`) in its stored order, (uint8 images, int
+    labels): the same every time it is called."""
+    images, labels = split.examples.read(np.arange(min(n, split.num_examples)))
+    if not len(labels):
         raise UserError("the validation split is empty: no images to draw attention maps on")
-    return np.stack(images), np.asarray(labels)
+    return images, labels
 
 
 def render_epoch(run, log, epoch: int) -> Path | None:
@@ -333,9 +330,7 @@ def attend(config: ml_collections.ConfigDict, workdir: str | Path, paths: list[s
     finally:
         ckpt.close()
 
-    shape = run.splits["train"].dataset.element_spec[0].shape  # the dataset's native image size
-    size = (tuple(shape[:2]) if shape[0] is not None and shape[1] is not None
-            else (config.preprocess.size, config.preprocess.size))
+    size = run.splits["train"].image_shape[:2]  # the dataset's image size (after image_size)
     images = np.stack([to_model_input(image, size) for image in originals])
     probs, attention = predict(run.model, run.state.params, images, config.preprocess, run.stats)
     names = data.class_names(config.dataset)

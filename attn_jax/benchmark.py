@@ -22,12 +22,13 @@ Measured, in this order, in one process:
    loop body once): `mfu` is those FLOP/s over the peak. `mfu_model` counts model FLOPs instead,
    the usual convention: the convolutions and matrix products of one forward pass (`model_flops`),
    three times for a train step, once for eval.
-3. The input pipeline alone (`data.train_batches` + `data.prefetch_to_mesh`, nothing stepping): the
-   first epoch, which decodes and fills the shuffle buffer and the cache, and `pipeline_batches`
-   batches of the next one, as every later epoch of a run reads them.
-4. Real pipeline against synthetic: `rounds` rounds of `compare_steps` train steps fed by the real
-   pipeline (started before the timing, as in a run) and as many on the resident batch; the ratio of
-   the median images/s says what the input costs the training.
+3. The streamed input pipeline alone (`data.StreamedFeed`: grain workers read and decode, batches
+   put on the mesh, nothing stepping) over `pipeline_batches` batches.
+4. The feeds against synthetic data: training as a run trains (`train.jit_train_steps`,
+   config.steps_per_call steps per call), fed by the device-resident split (when it fits; the time
+   to decode it and put it on the devices is reported), by the streamed pipeline (started before
+   the timing, as in a run) and by one synthetic resident batch, in `rounds` alternating rounds of
+   about `compare_steps` steps; the ratios of the median images/s say what each feed costs.
 
 5. With `profile_steps` > 0 and a workdir, a `jax.profiler` trace of that many train steps in
    `DIR/profile` (TensorBoard's profile plugin or Perfetto read it) and, where the trace names XLA's
@@ -315,64 +316,66 @@ def _offline(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return dataset
 
 
-def _pipeline(split: data.Split, config: ml_collections.ConfigDict, local_batch: int, mesh,
-              epoch: int, limit: int | None = None) -> Iterator[dict]:
-    batches = data.train_batches(split, local_batch, config.dataset.shuffle_buffer, config.seed,
-                                 epoch)
-    for i, batch in enumerate(data.prefetch_to_mesh(batches, mesh, config.dataset.prefetch)):
-        if limit is not None and i >= limit:
-            return
-        yield batch
+def time_pipeline(feed: data.StreamedFeed, batches: int) -> dict:
+    """Images/s of the streamed input pipeline alone (grain reads and decodes, batches put on the
+    mesh, nothing stepping), over `batches` batches of epoch 0, and the seconds to the first."""
+    start = time.perf_counter()
+    first, count = None, 0
+    for batch in feed.epoch(0, 0, [1] * min(batches, feed.steps_per_epoch)):
+        jax.block_until_ready(batch)
+        first = time.perf_counter() if first is None else first
+        count += 1
+    end = time.perf_counter()
+    return {"batches": count, "first_batch_s": first - start,
+            "images_per_s": (count - 1) * feed.global_batch / (end - first) if count > 1 else None}
 
 
-def time_pipeline(split: data.Split, config: ml_collections.ConfigDict, local_batch: int, mesh,
-                  batches: int) -> dict:
-    """Images/s of the input pipeline alone: epoch 0 (decoding; fills the cache), then `batches`
-    batches of epoch 1; each with the seconds to its first batch (the shuffle buffer's fill)."""
-    report = {}
-    steps_per_epoch = split.num_examples // config.batch_size
-    for name, epoch, limit in (("first_epoch", 0, steps_per_epoch), ("later_epoch", 1, batches)):
-        start = time.perf_counter()
-        first, count = None, 0
-        for batch in _pipeline(split, config, local_batch, mesh, epoch, limit):
-            jax.block_until_ready(batch)
-            if first is None:
-                first = time.perf_counter()
-            count += 1
-        end = time.perf_counter()
-        report[name] = {
-            "batches": count, "first_batch_s": first - start,
-            "images_per_s": (count - 1) * config.batch_size / (end - first) if count > 1 else None}
-        if not config.dataset.cache:  # every epoch decodes again: the first one says it all
-            break
-    return report
+def synthetic_feed(batch: dict, mesh) -> dict:
+    """A resident feed whose split is the one synthetic `batch` (order 0..B-1): every step of the
+    run's own jitted call gathers that same batch."""
+    host = jax.device_get({k: batch[k] for k in ("images", "labels")})
+    return {k: data.replicated(np.asarray(v), mesh) for k, v in host.items()} | {
+        "order": data.replicated(np.arange(len(host["labels"]), dtype=np.int32), mesh)}
 
 
-def compare_real_synthetic(step: Callable, state, batch: dict, split: data.Split,
-                           config: ml_collections.ConfigDict, local_batch: int, mesh,
-                           steps: int, rounds: int) -> tuple[dict, object]:
-    """Train steps fed by the real pipeline against steps on the resident `batch`, alternating."""
-    steps = min(steps, split.num_examples // config.batch_size - 1)
-    real, synthetic = [], []
-    for r in range(rounds):
-        start = time.perf_counter()
-        for _ in range(steps):
-            state, sums = step(state, batch)
+def compare_feeds(config: ml_collections.ConfigDict, mesh, state, train_key, stats, batch: dict,
+                  split: data.Split, opts: dict, say) -> tuple[dict, object]:
+    """Training as a run trains (`train.jit_train_steps`, config.steps_per_call steps per call) fed
+    by the device-resident split, by the streamed pipeline and by a synthetic resident batch, in
+    `rounds` alternating rounds of about `compare_steps` steps each; the medians and their ratios."""
+    k = config.steps_per_call
+    calls = max(1, opts["compare_steps"] // k)
+    fns = {resident: train.jit_train_steps(config, mesh, k, resident) for resident in (True, False)}
+    start = time.perf_counter()
+    feeds = {"streamed": data.StreamedFeed(split, mesh, config.batch_size, config.seed,
+                                           config.dataset.prefetch)}
+    report = {"steps_per_call": k, "steps": calls * k, "rounds": opts["rounds"]}
+    if data.is_resident(split, config.dataset, mesh):
+        feeds["resident"] = data.ResidentFeed(split, mesh, config.batch_size, config.seed)
+        report["resident_load_s"] = time.perf_counter() - start  # decode + put on the devices
+    sums = train.zero_sums(mesh)
+    rates = {name: [] for name in ("synthetic", *feeds)}
+    synthetic = synthetic_feed(batch, mesh)
+
+    def timed(name: str, feed_calls: Iterator[dict], resident: bool) -> None:
+        nonlocal state, sums
+        state, sums = fns[resident](state, sums, next(feed_calls), train_key, stats)  # untimed
         jax.block_until_ready(state)
-        synthetic.append(steps * config.batch_size / (time.perf_counter() - start))
+        begin = time.perf_counter()
+        for feed in feed_calls:
+            state, sums = fns[resident](state, sums, feed, train_key, stats)
+        jax.block_until_ready(state)
+        rates[name].append(calls * k * config.batch_size / (time.perf_counter() - begin))
 
-        batches = _pipeline(split, config, local_batch, mesh, epoch=2 + r, limit=steps + 1)
-        state, sums = step(state, next(batches))  # the pipeline is running: time from here on
-        jax.block_until_ready(state)
-        start = time.perf_counter()
-        for real_batch in batches:
-            state, sums = step(state, real_batch)
-        jax.block_until_ready(state)
-        real.append(steps * config.batch_size / (time.perf_counter() - start))
-    report = {"steps": steps, "rounds": rounds,
-              "real_images_per_s": statistics.median(real), "real_all": real,
-              "synthetic_images_per_s": statistics.median(synthetic), "synthetic_all": synthetic}
-    report["ratio"] = report["real_images_per_s"] / report["synthetic_images_per_s"]
+    for r in range(opts["rounds"]):
+        timed("synthetic", iter([synthetic] * (calls + 1)), True)
+        for name, feed in feeds.items():
+            timed(name, feed.epoch(r, 0, [k] * (calls + 1)), feed.resident)
+    for name, values in rates.items():
+        report[f"{name}_images_per_s"] = statistics.median(values)
+        report[f"{name}_all"] = values
+    for name in feeds:
+        report[f"{name}_ratio"] = report[f"{name}_images_per_s"] / report["synthetic_images_per_s"]
     return report, state
 
 
@@ -535,24 +538,25 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str | None = None, mes
             report["input_pipeline"] = {"skipped": str(e)}
             say(f"input pipeline: skipped ({e})")
         else:
-            local_batch = data.local_batch_size(config.batch_size, mesh)
-            pipeline = time_pipeline(split, config, local_batch, mesh, opts["pipeline_batches"])
+            streamed = data.StreamedFeed(split, mesh, config.batch_size, config.seed,
+                                         config.dataset.prefetch)
+            pipeline = time_pipeline(streamed, opts["pipeline_batches"])
             report["input_pipeline"] = pipeline
-            for name, p in pipeline.items():
-                rate = f"{p['images_per_s']:.0f}" if p["images_per_s"] else "n/a"
-                say(f"input pipeline alone, {name.replace('_', ' ')}: {rate} images/s "
-                    f"({p['batches']} batches; first batch after {p['first_batch_s']:.2f}s)")
-
-            def step(state, batch):
-                return train_compiled(state, batch, train_key, stats)
-
-            comparison, state_box[0] = compare_real_synthetic(
-                step, state_box[0], batch, split, config, local_batch, mesh,
-                opts["compare_steps"], opts["rounds"])
-            report["real_vs_synthetic"] = comparison
-            say(f"training on the real pipeline: {comparison['real_images_per_s']:.1f} images/s, "
-                f"on a resident synthetic batch: {comparison['synthetic_images_per_s']:.1f} "
-                f"images/s (ratio {comparison['ratio']:.3f})")
+            rate = f"{pipeline['images_per_s']:.0f}" if pipeline["images_per_s"] else "n/a"
+            say(f"streamed input pipeline alone: {rate} images/s ({pipeline['batches']} batches, "
+                f"{split.workers} read workers; first batch after {pipeline['first_batch_s']:.2f}s)")
+            comparison, state_box[0] = compare_feeds(config, mesh, state_box[0], train_key, stats,
+                                                     batch, split, opts, say)
+            report["feeds"] = comparison
+            if "resident_load_s" in comparison:
+                say(f"training split decoded and put on the devices in "
+                    f"{comparison['resident_load_s']:.1f}s")
+            for name in ("resident", "streamed"):
+                if f"{name}_ratio" in comparison:
+                    say(f"training fed {name}: {comparison[f'{name}_images_per_s']:.1f} images/s "
+                        f"against {comparison['synthetic_images_per_s']:.1f} on a synthetic "
+                        f"resident batch (ratio {comparison[f'{name}_ratio']:.3f}; "
+                        f"{config.steps_per_call} step(s) per call)")
     report["load_average_end"] = _load()
     say(f"1-min load at the end: {report['load_average_end']}")
     if workdir is not None and jax.process_index() == 0:

@@ -28,6 +28,16 @@ def model_description(config: ml_collections.ConfigDict) -> dict[str, Any]:
             "image_size": config.preprocess.size}
 
 
+# The training order a checkpoint continues: `data.epoch_order` ("permutation-v1"). Runs saved before
+# it (tf.data's shuffle buffer, no such entry) are refused rather than resumed in another order.
+DATA_ORDER = "permutation-v1"
+
+
+def run_description(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What must agree to resume training from a checkpoint: the model and the data order."""
+    return {**model_description(config), "data_order": DATA_ORDER}
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
     """{"model": {"dim": 64}} -> {"model.dim": 64}."""
     flat = {}
@@ -149,13 +159,15 @@ class Checkpointer:
         saved = self.manager.restore(step, args=ocp.args.Composite(
             description=ocp.args.JsonRestore()))["description"]
         saved, expected = _flatten(saved), _flatten(description)
-        differ = [k for k in sorted(saved.keys() | expected.keys()) if saved.get(k) != expected.get(k)]
+        sections = {k.split(".")[0] for k in expected}  # evaluation does not check the data order
+        differ = [k for k in sorted(saved.keys() | expected.keys())
+                  if k.split(".")[0] in sections and saved.get(k) != expected.get(k)]
         if differ:
             details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {expected.get(k)!r}"
                                 for k in differ)
             raise UserError(f"the checkpoint at step {step} in {self.directory} was made by a "
-                            f"different model ({details}): use another --workdir or the matching "
-                            "config")
+                            f"different model or data order ({details}): use another --workdir "
+                            "or the matching config")
 
     def _check_shapes(self, step: int, state) -> None:
         saved = self.manager.item_metadata(step)["state"]

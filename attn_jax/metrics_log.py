@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
+from tensorboardX import SummaryWriter
 
 
 def format_duration(seconds: float) -> str:
@@ -51,8 +51,8 @@ class MetricsLog:
                 self._latest.update({k: v for k, v in record.items() if "/" in k})
             path.write_text("".join(json.dumps(r) + "\n" for r in kept))
             self._jsonl = open(path, "a")  # noqa: SIM115
-        self._tensorboard = metric_writers.create_default_writer(
-            str(self.workdir / "tensorboard"), just_logging=not self.is_writer, asynchronous=False)
+        # TensorBoard events by tensorboardX: clu's writers import TensorFlow.
+        self._tensorboard = SummaryWriter(str(self.workdir / "tensorboard")) if self.is_writer else None
 
     def info(self, message: str) -> None:
         """A console line (process 0 only)."""
@@ -68,12 +68,14 @@ class MetricsLog:
         record = {"step": step, "epoch": epoch, **scalars}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        self._tensorboard.write_scalars(step, scalars)
+        for name, value in scalars.items():
+            self._tensorboard.add_scalar(name, value, step)
+        self._tensorboard.flush()
 
     def write_image(self, step: int, name: str, image) -> None:
         """One uint8 RGB image [H, W, 3] to TensorBoard as `name` at `step` (process 0 only)."""
         if self.is_writer:
-            self._tensorboard.write_images(step, {name: np.asarray(image, np.uint8)[None]})
+            self._tensorboard.add_image(name, np.asarray(image, np.uint8), step, dataformats="HWC")
             self._tensorboard.flush()
 
     def latest(self) -> dict[str, float]:
@@ -100,4 +102,4 @@ class MetricsLog:
     def close(self) -> None:
         if self.is_writer:
             self._jsonl.close()
-        self._tensorboard.close()
+            self._tensorboard.close()

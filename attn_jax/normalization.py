@@ -39,7 +39,7 @@ def channel_stats(split: data.Split, cache_path: Path, *, key: str) -> Stats:
     cached = _read_cache(cache_path).get(key) if jax.process_index() == 0 else None
     if jax.process_count() > 1:  # every process must take the same branch: process 0's
         if multihost_utils.broadcast_one_to_all(np.int32(cached is not None)):
-            channels = int(split.dataset.element_spec[0].shape[-1])
+            channels = split.image_shape[-1]
             local = (np.concatenate([cached["mean"], cached["std"]]) if cached is not None
                      else np.zeros(2 * channels))
             both = _view_float64(multihost_utils.broadcast_one_to_all(_view_uint32(local)))
@@ -56,14 +56,12 @@ def channel_stats(split: data.Split, cache_path: Path, *, key: str) -> Stats:
 def compute_channel_stats(split: data.Split, batch_size: int = 1024) -> Stats:
     """One pass over `split` (this process's shard, the others' gathered): mean and std per
     channel of the raw pixel values, population variance, std floored at 1e-7."""
-    sums = None
-    for images, _ in split.dataset.batch(batch_size).as_numpy_iterator():
-        x = images.astype(np.float64).reshape(-1, images.shape[-1])  # [pixels, C]
-        batch_sums = np.concatenate([[len(x)], x.sum(0), np.square(x).sum(0)])
-        sums = batch_sums if sums is None else sums + batch_sums
-    if sums is None:  # an empty shard still joins the gather
-        channels = int(split.dataset.element_spec[0].shape[-1])
-        sums = np.zeros(1 + 2 * channels)
+    channels = split.image_shape[-1]
+    sums = np.zeros(1 + 2 * channels)  # an empty shard still joins the gather
+    shard = data.local_shard(split.num_examples)
+    for images, _ in data.read_batches(split, np.array_split(shard, max(1, len(shard) // batch_size))):
+        x = images.astype(np.float64).reshape(-1, channels)  # [pixels, C]
+        sums += np.concatenate([[len(x)], x.sum(0), np.square(x).sum(0)])
     if jax.process_count() > 1:
         sums = _view_float64(multihost_utils.process_allgather(_view_uint32(sums))).sum(0)
     count, (total, squares) = sums[0], np.split(sums[1:], 2)

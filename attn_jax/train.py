@@ -6,6 +6,7 @@ code runs on one device, on eight, or on a multi-host slice. Reading order:
 `train_step`, `eval_step`, `evaluate`, `train_and_evaluate`.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -220,17 +221,62 @@ def attention_entropy(attention: jax.Array) -> jax.Array:
     return -jnp.sum(attention * jnp.log(jnp.clip(attention, 1e-12)), axis=-1)
 
 
+def train_steps(state: TrainState, sums: Metrics, feed: dict, key: jax.Array, stats, *,
+                config: ml_collections.ConfigDict, num_steps: int, resident: bool,
+                mesh: Mesh) -> tuple[TrainState, Metrics]:
+    """`num_steps` train steps in one call (a `lax.scan` over the steps when more than one), their
+    metric sums added to `sums`.
+
+    `feed` is either the device-resident split and the epoch's order (`resident`: each step gathers
+    its batch by its step number, `data.batch_from_resident`) or `num_steps` stacked host batches.
+    """
+    sharded = NamedSharding(mesh, PartitionSpec("data"))
+
+    def one_step(carry, i):
+        state, sums = carry
+        if resident:
+            batch = data.batch_from_resident(feed, state.step, config.batch_size)
+            batch = jax.lax.with_sharding_constraint(batch, sharded)
+        else:
+            batch = jax.tree.map(lambda x: x[i], feed)
+        state, step_sums = train_step(state, batch, key, stats, config=config)
+        return (state, jax.tree.map(jnp.add, sums, step_sums)), None
+
+    if num_steps == 1:
+        return one_step((state, sums), 0)[0]
+    return jax.lax.scan(one_step, (state, sums), jnp.arange(num_steps))[0]
+
+
+def jit_train_steps(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int,
+                    resident: bool) -> Callable:
+    """`train_steps` jitted over `mesh`: the train state and the metric sums replicated and donated;
+    a resident feed replicated, stacked host batches sharded on `data` along the batch axis."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    feed = replicated if resident else NamedSharding(mesh, PartitionSpec(None, "data"))
+    return jax.jit(functools.partial(train_steps, config=config, num_steps=num_steps,
+                                     resident=resident, mesh=mesh),
+                   in_shardings=(replicated, replicated, feed, replicated, replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=(0, 1))
+
+
 def jit_steps(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Callable, Callable]:
-    """`train_step` and `eval_step` jitted over `mesh`: batch sharded on `data`, the rest replicated,
-    the train state donated."""
+    """`train_step` on a given global batch and `eval_step`, jitted over `mesh`: batch sharded on
+    `data`, the rest replicated, the train state donated. (Runs call `jit_train_steps`; the
+    benchmark times and counts FLOPs of this single step.)"""
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("data"))
     train = jax.jit(functools.partial(train_step, config=config),
                     in_shardings=(replicated, sharded, replicated, replicated),
                     out_shardings=(replicated, replicated), donate_argnums=0)
-    evaluate_ = jax.jit(functools.partial(eval_step, config=config),
-                        in_shardings=(replicated, sharded, replicated), out_shardings=replicated)
-    return train, evaluate_
+    return train, jit_eval_step(config, mesh)
+
+
+def jit_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
+    """`eval_step` jitted over `mesh`: the batch sharded on `data`, the rest replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    return jax.jit(functools.partial(eval_step, config=config),
+                   in_shardings=(replicated, sharded, replicated), out_shardings=replicated)
 
 
 def evaluate(eval_fn: Callable, state: TrainState, split: data.Split, local_batch: int,
@@ -254,7 +300,6 @@ class Run:
     config: ml_collections.ConfigDict
     mesh: Mesh
     splits: dict[str, data.Split]
-    local_batch: int
     local_eval_batch: int
     steps_per_epoch: int
     total_steps: int
@@ -262,33 +307,51 @@ class Run:
     num_params: int
     schedule: optax.Schedule
     state: TrainState
-    train_fn: Callable
     eval_fn: Callable
     train_key: jax.Array
     stats: dict | None
+    feed: data.ResidentFeed | data.StreamedFeed | None = None  # built by `start_feed`
+    train_calls: dict[int, Callable] = dataclasses.field(default_factory=dict)
+
+    def start_feed(self) -> None:
+        """Decodes the training split onto the devices (or starts streaming it)."""
+        self.feed = data.make_feed(self.splits["train"], self.config.dataset, self.mesh,
+                                   self.config.batch_size, self.config.seed)
 
     def compile(self) -> float:
-        """Compiles both steps ahead of time for the run's batch shapes; returns the seconds taken.
-
-        In a multi-process job the processes then wait for each other, so none starts its first
-        collective while another is still compiling (gloo would time out).
-        """
+        """Compiles the eval step ahead of time for the run's batch shape; returns the seconds."""
         start = time.perf_counter()
-        sharded = NamedSharding(self.mesh, PartitionSpec("data"))
-        image_shape = tuple(self.splits["train"].dataset.element_spec[0].shape)
-
-        def batch(size):
-            return {"images": jax.ShapeDtypeStruct((size, *image_shape), jnp.uint8, sharding=sharded),
-                    "labels": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=sharded),
-                    "mask": jax.ShapeDtypeStruct((size,), jnp.bool_, sharding=sharded)}
-
-        self.train_fn = self.train_fn.lower(self.state, batch(self.config.batch_size),
-                                            self.train_key, self.stats).compile()
-        self.eval_fn = self.eval_fn.lower(self.state, batch(self.config.eval_batch_size),
+        self.eval_fn = self.eval_fn.lower(self.state, self._batch_spec(self.config.eval_batch_size),
                                           self.stats).compile()
+        return time.perf_counter() - start + self._synchronised()
+
+    def train_call(self, num_steps: int) -> Callable:
+        """The compiled call of `num_steps` train steps (compiled at its first use, once per run)."""
+        if num_steps not in self.train_calls:
+            jitted = jit_train_steps(self.config, self.mesh, num_steps, self.feed.resident)
+            feed = (next(self.feed.epoch(0, 0, [1])) if self.feed.resident else
+                    jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+                        (num_steps, *x.shape), x.dtype,
+                        sharding=NamedSharding(self.mesh, PartitionSpec(None, "data"))),
+                        self._batch_spec(self.config.batch_size)))
+            self.train_calls[num_steps] = jitted.lower(
+                self.state, zero_sums(self.mesh), feed, self.train_key, self.stats).compile()
+            self._synchronised()
+        return self.train_calls[num_steps]
+
+    def _batch_spec(self, size: int) -> dict:
+        sharded = NamedSharding(self.mesh, PartitionSpec("data"))
+        shape = self.splits["train"].image_shape
+        return {"images": jax.ShapeDtypeStruct((size, *shape), jnp.uint8, sharding=sharded),
+                "labels": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=sharded),
+                "mask": jax.ShapeDtypeStruct((size,), jnp.bool_, sharding=sharded)}
+
+    def _synchronised(self) -> float:
+        """In a multi-process job, waits for every process to finish compiling, so none starts its
+        first collective while another is still compiling (gloo would time out)."""
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("attn_jax: steps compiled")
-        return time.perf_counter() - start
+        return 0.0
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Mean loss, top-1 and top-5 of the current state on split "train", "val" or "test"."""
@@ -296,12 +359,23 @@ class Run:
                         self.mesh, self.stats)
 
 
+def load_splits(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, data.Split]:
+    """The train, val and test splits; those that fit the resident limit decoded into host memory
+    once (the training split is put on the devices later, by `Run.start_feed`)."""
+    splits = {}
+    for name in ("train", "val", "test"):
+        split = data.load_split(config.dataset, getattr(config.dataset, f"{name}_split"))
+        if name != "train" and data.is_resident(split, config.dataset, mesh):
+            split = split.in_memory()
+        splits[name] = split
+    return splits
+
+
 def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path) -> Run:
-    """Loads the splits and builds the model, optimizer, initial state and jitted steps."""
-    local_batch = data.local_batch_size(config.batch_size, mesh)
+    """Loads the splits and builds the model, optimizer, initial state and jitted eval step."""
+    data.local_batch_size(config.batch_size, mesh)  # a clear error for a batch that does not divide
     local_eval_batch = data.local_batch_size(config.eval_batch_size, mesh)
-    splits = {name: data.load_split(config.dataset, getattr(config.dataset, f"{name}_split"))
-              for name in ("train", "val", "test")}
+    splits = load_splits(config, mesh)
     steps_per_epoch = splits["train"].num_examples // config.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"config.batch_size {config.batch_size} is larger than the training split "
@@ -320,10 +394,9 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path) -> R
     tx = create_optimizer(config.optimizer, schedule)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
     state = create_train_state(model, tx, init_key, image_shape, mesh)
-    train_fn, eval_fn = jit_steps(config, mesh)
-    return Run(config, mesh, splits, local_batch, local_eval_batch, steps_per_epoch, total_steps,
-               model, summary.total_params(model, image_shape), schedule, state, train_fn, eval_fn,
-               train_key, stats)
+    return Run(config, mesh, splits, local_eval_batch, steps_per_epoch, total_steps, model,
+               summary.total_params(model, image_shape), schedule, state,
+               jit_eval_step(config, mesh), train_key, stats)
 
 
 def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -362,6 +435,42 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+class Throughput:
+    """Training images/s per log interval, excluding compilation (the first call of each step
+    count is not timed) and evaluation (`paused`)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.rates = batch_size, []
+        self.start, self.steps, self.seen = None, 0, set()
+
+    def stepped(self, num_steps: int, result) -> None:
+        if num_steps not in self.seen:  # this call compiled: time from its end on
+            self.seen.add(num_steps)
+            jax.block_until_ready(result)
+            self.start, self.steps = time.perf_counter(), 0
+        else:
+            self.steps += num_steps
+
+    def restart(self) -> None:
+        """The end of a log interval (after its host sync): records its rate, starts the next."""
+        if self.steps and self.start is not None:
+            self.rates.append(self.steps * self.batch_size / (time.perf_counter() - self.start))
+        self.start, self.steps = time.perf_counter(), 0
+
+    @contextlib.contextmanager
+    def paused(self):
+        begin = time.perf_counter()
+        yield
+        if self.start is not None:
+            self.start += time.perf_counter() - begin
+
+    def median(self) -> float:
+        return float(np.median(self.rates)) if self.rates else 0.0
+
+    def seconds_for(self, steps: int) -> float:
+        return steps * self.batch_size / self.median() if self.rates else 0.0
+
+
 def _stopped(log: MetricsLog, ckpt: checkpoint.Checkpointer, signal_name: str, step: int) -> None:
     ckpt.wait()
     log.info(f"received {signal_name}: saved a checkpoint at step {step}; relaunch the same "
@@ -385,68 +494,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
     mesh = create_mesh() if mesh is None else mesh
     run = build_run(config, mesh, workdir)
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
-    description = checkpoint.model_description(config)
+    description = checkpoint.run_description(config)
     sums = zero_sums(mesh)
     restored = ckpt.restore_latest(run.state, sums, description)
     if restored is not None:
         run.state, sums = restored
     step = int(run.state.step)
+    run.start_feed()
     compile_seconds = run.compile()
     log = MetricsLog(workdir, config, resume_step=step if restored is not None else None)
     if restored is not None:
         log.info(f"resumed from the checkpoint at step {step} in {ckpt.directory}")
     log.info(f"{config.model.name}: {run.num_params:,} parameters; {run.steps_per_epoch} steps/"
              f"epoch x {config.num_epochs} epochs on {mesh.devices.size} device(s) "
-             f"({jax.default_backend()}), global batch {config.batch_size}; steps compiled in "
+             f"({jax.default_backend()}), global batch {config.batch_size}, "
+             f"{config.steps_per_call} step(s) per call, training data "
+             f"{'on the devices' if run.feed.resident else 'streamed'}; eval step compiled in "
              f"{compile_seconds:.1f}s")
 
     every = config.checkpoint.every_steps or run.steps_per_epoch
     stop = StopSignals()
-    rates: list[float] = []
-    interval_start, interval_steps = None, 0
+    speed = Throughput(config.batch_size)
     run_start = time.perf_counter()
     try:
         for epoch in range(step // run.steps_per_epoch, config.num_epochs):
-            batches = data.train_batches(run.splits["train"], run.local_batch,
-                                         config.dataset.shuffle_buffer, config.seed, epoch,
-                                         start=step % run.steps_per_epoch)
-            for batch in data.prefetch_to_mesh(batches, mesh, config.dataset.prefetch):
-                run.state, step_sums = run.train_fn(run.state, batch, run.train_key, run.stats)
-                sums = jax.tree.map(jnp.add, sums, step_sums)
-                step += 1
-                if interval_start is None:  # the first step compiles: time from its end on
-                    jax.block_until_ready(step_sums)
-                    interval_start = time.perf_counter()
-                else:
-                    interval_steps += 1
-                if step % config.log_every_steps == 0 or step % run.steps_per_epoch == 0:
+            epoch_end = (epoch + 1) * run.steps_per_epoch
+            sizes = data.call_sizes(step, epoch_end, config.steps_per_call,
+                                    (config.log_every_steps, every))
+            for n, feed in zip(sizes, run.feed.epoch(epoch, step % run.steps_per_epoch, sizes),
+                               strict=True):
+                run.state, sums = run.train_call(n)(run.state, sums, feed, run.train_key, run.stats)
+                step += n
+                speed.stepped(n, sums)
+                if step % config.log_every_steps == 0 or step == epoch_end:
                     train_metrics = means(sums)  # the one host sync per log interval
                     _check_finite(train_metrics, step, epoch + 1)
-                    if interval_steps:
-                        seconds = time.perf_counter() - interval_start
-                        rates.append(interval_steps * config.batch_size / seconds)
                     log.write(step, epoch + 1, {**_prefixed("train", train_metrics),
                                                 "learning_rate": float(run.schedule(step - 1))})
-                    sums, interval_start, interval_steps = zero_sums(mesh), time.perf_counter(), 0
-                if step % run.steps_per_epoch == 0:
-                    break  # the epoch's end: validate and save below
+                    sums = zero_sums(mesh)
+                    speed.restart()
+                if step == epoch_end:
+                    continue  # the last call of the epoch: validate and save below
                 if stop.received or step % every == 0:
                     ckpt.save(run.state, sums, description)
                 if stop.received:
                     return _stopped(log, ckpt, stop.received, step)
 
-            eval_start = time.perf_counter()
-            val = run.evaluate("val")
-            log.write(step, epoch + 1, _prefixed("val", val))
-            ckpt.save(run.state, sums, description, metrics=_prefixed("val", val))
-            rate = float(np.median(rates)) if rates else 0.0
-            eta = (run.total_steps - step) * config.batch_size / rate if rate else 0.0
-            log.info(f"epoch {epoch + 1}/{config.num_epochs} step {step}: {log.epoch_line()} | "
-                     f"{rate:.0f} img/s | ETA {format_duration(eta)}")
-            if (every_maps := config.get("attention_every_epochs", 0)) and (epoch + 1) % every_maps == 0:
-                attention_maps.render_epoch(run, log, epoch + 1)  # DIR/attention/epoch_XXX.png
-            if interval_start is not None:  # exclude evaluation from the training throughput
-                interval_start += time.perf_counter() - eval_start
+            with speed.paused():  # evaluation does not count in the training throughput
+                val = run.evaluate("val")
+                log.write(step, epoch + 1, _prefixed("val", val))
+                ckpt.save(run.state, sums, description, metrics=_prefixed("val", val))
+                eta = speed.seconds_for(run.total_steps - step)
+                log.info(f"epoch {epoch + 1}/{config.num_epochs} step {step}: {log.epoch_line()} | "
+                         f"{speed.median():.0f} img/s | ETA {format_duration(eta)}")
+                if (every_maps := config.get("attention_every_epochs", 0)) and \
+                        (epoch + 1) % every_maps == 0:
+                    attention_maps.render_epoch(run, log, epoch + 1)  # DIR/attention/epoch_XXX.png
             if stop.received:
                 return _stopped(log, ckpt, stop.received, step)
     finally:
@@ -456,7 +559,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
     test = run.evaluate("test")
     log.write(step, config.num_epochs, _prefixed("test", test))
     final = {**log.latest(), "num_params": run.num_params,
-             "train_images_per_s": float(np.median(rates)) if rates else None,
+             "train_images_per_s": speed.median() or None,
              "wall_time_s": time.perf_counter() - run_start}
     log.info(f"test: loss {test['loss']:.4f} top1 {100 * test['top1']:.2f}% "
              f"top5 {100 * test['top5']:.2f}%")

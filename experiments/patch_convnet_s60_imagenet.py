@@ -80,9 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dataset.train_split = "train"
     config.dataset.val_split = "validation"
     config.dataset.test_split = "validation"  # ImageNet's test labels are not public
-    config.dataset.cache = False  # decoded ImageNet does not fit in host memory
     config.dataset.image_size = 256  # images differ in size: resized on the host to batch them
-    config.dataset.shuffle_buffer = 10_000
     config.dataset.prefetch = 2
 
     config.preprocess.size = 224  # evaluation: resize to 224x224

@@ -4,6 +4,7 @@ The offline dataset of the `:smoke` experiments: it ships inside scikit-learn, s
 no network. Each 8x8 grey image (values 0..16) is scaled to 0..255, upscaled 4x by pixel repetition
 to 32x32 and repeated over 3 channels, so it flows through exactly the pipeline CIFAR does. The
 split is fixed: a seed-0 permutation puts 360 images in `test` and the other 1,437 in `train`.
+Preparing it (tfds encodes the images as PNG) needs TensorFlow; reading it does not.
 """
 
 import numpy as np
@@ -16,8 +17,10 @@ _UPSCALE = 4
 class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     """scikit-learn's handwritten digits, 32x32 RGB, 10 classes."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "Same examples; attn_jax prepares it as ArrayRecord (random access, "
+                              "read without TensorFlow) instead of TFRecord."}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
