@@ -93,7 +93,8 @@ def _jaxpr_macs(jaxpr) -> int:
 
 def format_summary(model: nn.Module, image_shape: tuple[int, int, int]) -> str:
     """The parameter table per module, forward FLOPs per image in both conventions (XLA's cost
-    analysis and the papers' multiply-adds of convs and matmuls) and the total, as printable text."""
+    analysis and the papers' multiply-adds of convs and matmuls), the model's `summary_notes()` if
+    it has them, and the total, as printable text."""
     variables = abstract_variables(model, image_shape)
     params = variables["params"]
     rows = param_table(params)
@@ -108,6 +109,7 @@ def format_summary(model: nn.Module, image_shape: tuple[int, int, int]) -> str:
                  f"{flops / 1e9:.4g} G")
     lines.append("forward FLOPs per image (paper convention: multiply-adds of convs and matmuls): "
                  f"{macs / 1e9:.4g} G")
+    lines += getattr(model, "summary_notes", list)()  # e.g. a shared block applied several times
     lines.append(f"total params: {count_params(params):,}")
     return "\n".join(lines)
 

@@ -1,27 +1,134 @@
-"""The tutorial PatchConvNet: exact parameter count, shapes, attention map."""
+"""The tutorial PatchConvNet: exact parameter counts (tied and untied trunk), shapes, attention map."""
 
+import flax
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import load_experiment
 
-from attn_jax import summary, train
+from attn_jax import checkpoint, commands, summary, train
+from attn_jax.errors import UserError
 
 
-def test_parameter_count_matches_the_tutorial():
+def test_the_experiment_builds_the_tied_trunk_the_tutorial_trained():
     config = load_experiment("patch_convnet")
+    assert config.model.tie_trunk is True
+
+
+@pytest.mark.parametrize("tie_trunk, expected", [(True, 1_436_426), (False, 2_174_986)])
+def test_parameter_count_matches_the_tutorial(tie_trunk, expected):
+    config = load_experiment("patch_convnet")
+    config.model.tie_trunk = tie_trunk
     model = train.create_model(config, config.dataset.num_classes)
-    assert summary.total_params(model, (48, 48, 3)) == 2_174_986
+    assert summary.total_params(model, (48, 48, 3)) == expected
 
 
-def test_summary_names_every_module_and_the_total():
-    config = load_experiment("patch_convnet")
-    text = summary.format_summary(train.create_model(config, 10), (48, 48, 3))
-    assert text.splitlines()[-1] == "total params: 2,174,986"
-    for module in ("ConvStem_0", "TrunkBlock_1", "AttentionPooling_0", "head"):
+def test_summary_names_every_module_and_the_total(capsys):
+    commands.summarize(load_experiment("patch_convnet"))  # what --mode=summary prints
+    text = capsys.readouterr().out.strip()
+    lines = text.splitlines()
+    assert lines[-1] == "total params: 1,436,426"
+    assert lines[-2] == ("trunk: one shared block, TrunkBlock_shared, applied 2 times "
+                         "(tie_trunk=True, as the tutorial's code)")
+    for module in ("ConvStem_0", "TrunkBlock_shared/Conv_1", "AttentionPooling_0", "head"):
         assert module in text
+    assert "TrunkBlock_0" not in text
     flops = float(text.split("multiply-add = 2): ")[1].split()[0])
     assert 0.4 < flops < 0.7  # about a third of the 1.51 GFLOP training step in the notes
+
+
+def test_summary_of_the_untied_trunk():
+    config = load_experiment("patch_convnet")
+    config.model.tie_trunk = False
+    tied_text = summary.format_summary(train.create_model(load_experiment("patch_convnet"), 10),
+                                       (48, 48, 3))
+    text = summary.format_summary(train.create_model(config, 10), (48, 48, 3))
+    assert text.splitlines()[-1] == "total params: 2,174,986"
+    assert text.splitlines()[-2] == "trunk: 2 independent blocks (tie_trunk=False)"
+    assert "TrunkBlock_1/Conv_1" in text and "TrunkBlock_shared" not in text
+    flops = [line for line in text.splitlines() if line.startswith("forward FLOPs")]
+    assert flops == [line for line in tied_text.splitlines() if line.startswith("forward FLOPs")]
+
+
+def _tiny(tie_trunk: bool, depth: int = 2):
+    config = load_experiment("patch_convnet")
+    config.model.update(dim=16, depth=depth, se_ratio=4, tie_trunk=tie_trunk)
+    config.preprocess.size = 16
+    return config
+
+
+def test_untied_parameter_tree_is_unchanged_and_tied_has_one_block():
+    images = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
+    untied = train.create_model(_tiny(False, depth=3), 10)
+    tied = train.create_model(_tiny(True, depth=3), 10)
+    untied_params = jax.eval_shape(lambda x: untied.init(jax.random.key(0), x, train=False),
+                                   images)["params"]
+    tied_params = jax.eval_shape(lambda x: tied.init(jax.random.key(0), x, train=False),
+                                 images)["params"]
+    assert sorted(untied_params) == ["AttentionPooling_0", "ConvStem_0", "TrunkBlock_0",
+                                     "TrunkBlock_1", "TrunkBlock_2", "head"]
+    assert sorted(tied_params) == ["AttentionPooling_0", "ConvStem_0", "TrunkBlock_shared", "head"]
+    block = jax.tree.map(lambda x: x.shape, tied_params["TrunkBlock_shared"])
+    assert all(jax.tree.map(lambda x: x.shape, untied_params[f"TrunkBlock_{i}"]) == block
+               for i in range(3))
+
+
+def test_tied_trunk_is_the_untied_one_with_every_block_equal():
+    """The tied model computes exactly the untied model whose blocks all hold the shared weights."""
+    tied, untied = (train.create_model(_tiny(t), 10) for t in (True, False))
+    images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
+    params = tied.init(jax.random.key(1), images, train=False)["params"]
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape), params)
+    untied_params = {k: v for k, v in params.items() if k != "TrunkBlock_shared"}
+    untied_params.update(TrunkBlock_0=params["TrunkBlock_shared"],
+                         TrunkBlock_1=params["TrunkBlock_shared"])
+    logits, attention = tied.apply({"params": params}, images, train=False)
+    expected_logits, expected_attention = untied.apply({"params": untied_params}, images,
+                                                       train=False)
+    np.testing.assert_allclose(logits, expected_logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(attention, expected_attention, rtol=1e-6, atol=1e-7)
+    # Gradients of the shared block are the sum over its two applications.
+    def loss(p, model):
+        return jnp.sum(model.apply({"params": p}, images, train=False)[0] ** 2)
+
+    tied_grad = jax.grad(loss)(params, tied)["TrunkBlock_shared"]
+    untied_grads = jax.grad(loss)(untied_params, untied)
+    np.testing.assert_allclose(
+        jax.flatten_util.ravel_pytree(tied_grad)[0],
+        jax.flatten_util.ravel_pytree(jax.tree.map(jnp.add, untied_grads["TrunkBlock_0"],
+                                                   untied_grads["TrunkBlock_1"]))[0],
+        rtol=1e-4, atol=1e-6)
+
+
+@flax.struct.dataclass
+class _State:
+    step: jax.Array
+    params: dict
+
+
+def test_checkpoint_of_the_other_trunk_variant_is_refused(tmp_path):
+    """checkpoint.model_description holds config.model, so tie_trunk must agree to restore."""
+    images = jnp.zeros((1, 16, 16, 3))
+    configs = {t: _tiny(t) for t in (True, False)}
+    states = {t: _State(jnp.array(1), train.create_model(c, 10).init(
+        jax.random.key(0), images, train=False)["params"]) for t, c in configs.items()}
+    sums = {"count": jnp.zeros(())}
+    for saved, other in ((True, False), (False, True)):
+        ckpt = checkpoint.Checkpointer(tmp_path / str(saved), keep=1)
+        ckpt.save(states[saved], sums, checkpoint.model_description(configs[saved]))
+        ckpt.wait()
+        with pytest.raises(UserError, match=rf"different model.*model\.tie_trunk: checkpoint "
+                                            rf"{saved} vs config {other}"):
+            ckpt.restore(1, states[other], sums, checkpoint.model_description(configs[other]))
+        # Even with the description ignored, the parameter trees differ and are refused.
+        with pytest.raises(UserError, match="does not fit this model"):
+            ckpt._check_shapes(1, states[other])
+        restored, _ = ckpt.restore(1, states[saved], sums,
+                                   checkpoint.model_description(configs[saved]))
+        assert jax.tree.structure(restored.params) == jax.tree.structure(states[saved].params)
+        ckpt.close()
 
 
 def test_shapes_and_attention_map():

@@ -1,7 +1,7 @@
 """PatchConvNet as built by the Keras tutorial "Augmenting convnets with aggregated attention".
 
 Touvron et al., "Augmenting convolutional networks with attention-based aggregation" (2021), in the
-simplified form of the keras-io `patch_convnet` example (CIFAR-10, 2,174,986 trainable parameters):
+simplified form of the keras-io `patch_convnet` example (CIFAR-10, 1,436,426 trainable parameters):
 
     image [B, 48, 48, 3]
       -> ConvStem: 3x3/2 conv + GELU (d/2), 3x3/2 conv + GELU (d)       -> [B, 12, 12, d]
@@ -15,6 +15,15 @@ Differences from the paper (implemented in `patch_convnet.py`): a two-conv stem 
 drop-path, a LayerNorm over [cls; patches] before attention, and a Dense-GELU-Dense-GELU class MLP.
 Initialisers follow Keras (Glorot-uniform kernels, zero biases, zero class token) and GELU is exact
 (erf), as in `tf.nn.gelu`.
+
+The trunk's weights are shared (`tie_trunk`). The tutorial's `Trunk.build` makes ONE list of layers
+and wraps that same list `depth` times (`[keras.Sequential(trunk_block) for _ in
+range(self.depth)]`); Keras layers own their weights, so every "block" is the same block applied
+again: the tutorial's model has 1,436,426 trainable parameters at d = 256, depth 2, and that model
+produced its published 84.59% and validation curve. `tie_trunk=True` reproduces it (one
+`TrunkBlock_shared` called `depth` times) and is what experiments/patch_convnet.py uses;
+`tie_trunk=False` builds `depth` independent blocks (2,174,986 parameters), the network the
+tutorial's prose ("N stacked residual convolutional blocks") and the paper describe.
 """
 
 import functools
@@ -28,6 +37,7 @@ from attn_jax.models.conv import Conv
 Dtype = Any
 gelu = functools.partial(nn.gelu, approximate=False)
 glorot = nn.initializers.xavier_uniform()
+SHARED_BLOCK = "TrunkBlock_shared"  # the trunk block of `tie_trunk=True`
 
 
 class ConvStem(nn.Module):
@@ -127,7 +137,9 @@ class AttentionPooling(nn.Module):
 class PatchConvNetTutorial(nn.Module):
     """The tutorial's PatchConvNet: images [B, H, W, 3] -> (logits [B, classes], attn [B, N]).
 
-    N = (H/4) * (W/4) patches: 144 for the tutorial's 48x48 inputs.
+    N = (H/4) * (W/4) patches: 144 for the tutorial's 48x48 inputs. `tie_trunk`: True applies one
+    trunk block (`TrunkBlock_shared`) `depth` times, the tutorial's code and the model it trained;
+    False gives `depth` independent blocks (`TrunkBlock_0`, ...), what its prose describes.
     """
 
     num_classes: int
@@ -136,16 +148,28 @@ class PatchConvNetTutorial(nn.Module):
     se_ratio: int
     attention_dropout: float
     mlp_dropout: float
+    tie_trunk: bool
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, images, *, train: bool):
         x = ConvStem(self.dim, dtype=self.dtype)(images)
-        for _ in range(self.depth):
-            x = TrunkBlock(self.se_ratio, dtype=self.dtype)(x)
+        if self.tie_trunk:  # one module, so one set of weights, called `depth` times
+            blocks = [TrunkBlock(self.se_ratio, dtype=self.dtype, name=SHARED_BLOCK)] * self.depth
+        else:  # TrunkBlock_0 ... TrunkBlock_{depth-1}
+            blocks = [TrunkBlock(self.se_ratio, dtype=self.dtype) for _ in range(self.depth)]
+        for block in blocks:
+            x = block(x)
         patches = x.reshape(x.shape[0], -1, self.dim)
         cls, attention = AttentionPooling(self.attention_dropout, self.mlp_dropout,
                                           dtype=self.dtype)(patches, train=train)
         logits = nn.Dense(self.num_classes, kernel_init=glorot, dtype=jnp.float32,
                           name="head")(cls)
         return logits, attention
+
+    def summary_notes(self) -> list[str]:
+        """Lines `--mode=summary` prints under the parameter table: how the trunk is applied."""
+        if self.tie_trunk:
+            return [f"trunk: one shared block, {SHARED_BLOCK}, applied {self.depth} times "
+                    "(tie_trunk=True, as the tutorial's code)"]
+        return [f"trunk: {self.depth} independent blocks (tie_trunk=False)"]
