@@ -29,4 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """EANet's config (tutorial recipe, or `arg="smoke"`) with self-attention."""
     config = sibling_config(__file__, "eanet", arg)
     config.model.attention = "self"  # 4 heads of key dim = dim; ignores dim_coefficient, memory_slots
+    # Exact (erf) GELU, as EANet's: the TensorFlow 2 tutorial's tf.nn.gelu, in the same MLP for both
+    # models; True would be the Keras 3 text's ops.gelu (tanh approximation).
+    config.model.gelu_approximate = False
     return config

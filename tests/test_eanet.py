@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_experiment
 
 from attn_jax import augment
 from attn_jax.errors import UserError
@@ -91,6 +92,41 @@ def test_dropout_only_in_training():
     assert not np.allclose(train_a, train_b)
     np.testing.assert_array_equal(eval_a, eval_b)
     assert not np.allclose(train_a, eval_a)
+
+
+@pytest.mark.parametrize("name", ["eanet", "vit"])
+def test_experiments_choose_the_exact_gelu(name):
+    assert load_experiment(name).model.gelu_approximate is False  # tf.nn.gelu, as the TF2 run
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_mlp_gelu_variant(approximate):
+    """The MLP's GELU is exact (erf) or the tanh approximation, as `gelu_approximate` says."""
+    mlp = eanet.Mlp(mlp_dim=32, dropout=0.0, gelu_approximate=approximate)
+    x = 2 * jax.random.normal(jax.random.key(0), (2, 5, 8))
+    params = mlp.init(jax.random.key(1), x, train=False)["params"]
+    h = x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+    if approximate:  # Keras 3 ops.gelu's default
+        h = 0.5 * h * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+    else:  # tf.nn.gelu's default
+        h = 0.5 * h * (1 + jax.scipy.special.erf(h / np.sqrt(2)))
+    expected = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+    np.testing.assert_allclose(mlp.apply({"params": params}, x, train=False), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["external", "self"])
+def test_gelu_variants_share_parameters_and_differ_slightly(attention):
+    images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
+    exact, tanh = (eanet.EANet(**{**TINY, "attention": attention, "gelu_approximate": a})
+                   for a in (False, True))
+    assert eanet.EANet(**TINY).gelu_approximate is False  # the default: exact
+    variables = exact.init(jax.random.key(1), images, train=False)
+    assert (jax.tree.structure(variables) ==
+            jax.tree.structure(tanh.init(jax.random.key(1), images, train=False)))
+    a = exact.apply(variables, images, train=False)[0]
+    b = tanh.apply(variables, images, train=False)[0]
+    assert 0 < float(jnp.max(jnp.abs(a - b))) < 1e-2
 
 
 def test_bad_config_raises_user_error():
