@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from initialisers import check_initialisers, torch_conv_bound
 
 from attn_jax import summary
 from attn_jax.models import get_model
@@ -141,6 +142,26 @@ def test_layer_scale_init(variables):
         model = get_model(name, num_classes=10, drop_path_rate=0.0, attention_dropout=0.0)
         assert model.layer_scale_init == value
         assert model.stem_convs == 4 and model.mlp_ratio == 3.0
+
+
+def official_init(keys, shape, parent):
+    """The official code's initialiser of each parameter (S60: layer-scale 1e-4)."""
+    name = keys[-1]
+    if name == "layer_scale":
+        return "constant", 1e-4
+    if "scale" in parent:  # LayerNorm: weight 1, bias 0
+        return "constant", 1.0 if name == "scale" else 0.0
+    if name == "cls_token":  # trunc_normal_(std=.02) with absolute bounds +-2: normal(0.02)
+        return "normal", 0.02
+    if len(parent["kernel"].shape) == 4:  # nn.Conv2d's default, kernel and bias alike
+        return "uniform", torch_conv_bound(parent["kernel"].shape)
+    return ("normal", 0.02) if name == "kernel" else ("constant", 0.0)  # nn.Linear: _init_weights
+
+
+def test_initialisers_match_the_official_code(variables):
+    ratios = check_initialisers(variables["params"], official_init)
+    assert set(ratios) == {"normal", "uniform"}
+    print(f"measured std / official std: {ratios}")
 
 
 def test_decay_mask(variables):

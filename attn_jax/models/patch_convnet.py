@@ -28,14 +28,14 @@ Details taken from the official code, and the choices made where it leaves room:
   dropout is.
 - Drop-path has the same rate in every trunk block (`dpr_constant=True`), is per sample, scales the
   kept samples by 1 / keep_prob, and draws from the "dropout" rng stream.
-- Initialisation: Dense kernels and the class token truncated-normal with std 0.02, Dense biases
-  zero, LayerNorm scale 1 / bias 0, layer-scales `layer_scale_init`. timm's `trunc_normal_(std=.02)`
-  truncates at absolute +-2 (i.e. +-100 std: in effect an untruncated normal); Flax's
-  `truncated_normal(0.02)` truncates at +-2 std and rescales to std 0.02 -- a negligible difference,
-  chosen to avoid the erfinv overflow of very wide bounds. The official code does not re-initialise
-  convs, so they keep PyTorch's `nn.Conv2d` default, reproduced here: kernel
-  U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming-uniform with a = sqrt(5)) and bias
-  U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_channels / groups * kh * kw.
+- Initialisation: Dense kernels and the class token normal with std 0.02, Dense biases zero,
+  LayerNorm scale 1 / bias 0, layer-scales `layer_scale_init`. The official code calls timm's
+  `trunc_normal_(std=.02)`, whose bounds a=-2, b=2 are absolute, i.e. +-100 std: no draw ever
+  reaches them, so it is a normal of std 0.02, which `nn.initializers.normal(0.02)` draws. (Flax's
+  `truncated_normal(0.02)` would truncate at +-2 std without rescaling: std 0.0176, 12% small.)
+  The official code does not re-initialise convs, so they keep PyTorch's `nn.Conv2d` default,
+  reproduced here: kernel U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming-uniform with a = sqrt(5))
+  and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_channels / groups * kh * kw.
 - Convs pad 1 on every side as PyTorch does (224 -> 112 -> 56 -> 28 -> 14), not "SAME" (which pads
   (0, 1) for a stride-2 conv on an even size).
 - Mixed precision (a choice; the official code trains in float32 with autocast): convs and Dense
@@ -58,7 +58,8 @@ from attn_jax.models.conv import Conv
 
 Dtype = Any
 gelu = functools.partial(nn.gelu, approximate=False)
-trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+# timm trunc_normal_(std=.02): truncated at an absolute +-2 = +-100 std, so in effect normal(0.02).
+normal_02 = nn.initializers.normal(stddev=0.02)
 # PyTorch nn.Conv2d default: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_conv_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -174,11 +175,11 @@ class ClassAttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, patches, *, train: bool):
         batch, _, dim = patches.shape
-        dense = functools.partial(nn.Dense, kernel_init=trunc_normal,
+        dense = functools.partial(nn.Dense, kernel_init=normal_02,
                                   bias_init=nn.initializers.zeros, dtype=self.dtype)
         layer_norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=jnp.float32)
 
-        cls = self.param("cls_token", trunc_normal, (1, 1, dim), jnp.float32)
+        cls = self.param("cls_token", normal_02, (1, 1, dim), jnp.float32)
         cls = jnp.broadcast_to(cls, (batch, 1, dim))
         u = layer_norm(name="norm1")(jnp.concatenate([cls, patches.astype(jnp.float32)], axis=1))
         q = dense(dim, name="query")(u[:, :1])  # [B, 1, d]
@@ -227,7 +228,7 @@ class PatchConvNet(nn.Module):
                                              self.attention_dropout, dtype=self.dtype,
                                              name="pooling")(patches, train=train)
         cls = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name="norm")(cls)
-        logits = nn.Dense(self.num_classes, kernel_init=trunc_normal,
+        logits = nn.Dense(self.num_classes, kernel_init=normal_02,
                           bias_init=nn.initializers.zeros, dtype=jnp.float32, name="head")(cls)
         return logits, attention
 
