@@ -1,10 +1,13 @@
 """EANet (the tutorial's external attention and ViT baseline) and the tutorial's augmentations."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import load_experiment
+from initialisers import check_initialisers, keras_glorot_bound
 
 from attn_jax import augment
 from attn_jax.errors import UserError
@@ -127,6 +130,28 @@ def test_gelu_variants_share_parameters_and_differ_slightly(attention):
     a = exact.apply(variables, images, train=False)[0]
     b = tanh.apply(variables, images, train=False)[0]
     assert 0 < float(jnp.max(jnp.abs(a - b))) < 1e-2
+
+
+def keras_init(keys, shape, parent):
+    """The tutorial's (Keras') initialiser of each parameter: Glorot-uniform kernels with Keras'
+    fans (MultiHeadAttention's [dim, heads, dim] and [heads, dim, dim] kernels included), zero
+    biases, and `Embedding`'s uniform(-0.05, 0.05) for the position embedding."""
+    if "scale" in parent:  # LayerNormalization: gamma 1, beta 0
+        return "constant", 1.0 if keys[-1] == "scale" else 0.0
+    if keys[-1] == "pos_embed":
+        return "uniform", 0.05
+    if keys[-1] == "bias":
+        return "constant", 0.0
+    assert keys[-1] == "kernel", keys
+    return "uniform", keras_glorot_bound(shape)
+
+
+@pytest.mark.parametrize("attention", ["external", "self"])
+def test_initialisers_match_keras(attention):
+    model = eanet.EANet(**{**TINY, "attention": attention, "dim": 32, "mlp_dim": 32})
+    params = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(0, impl="rbg"), jnp.zeros((1, 16, 16, 3)))["params"]
+    assert check_initialisers(params, keras_init).keys() == {"uniform"}
 
 
 def test_bad_config_raises_user_error():

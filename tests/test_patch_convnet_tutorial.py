@@ -1,5 +1,7 @@
 """The tutorial PatchConvNet: exact parameter counts (tied and untied trunk), shapes, attention map."""
 
+import functools
+
 import flax
 import jax
 import jax.flatten_util
@@ -7,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import load_experiment
+from initialisers import check_initialisers, keras_glorot_bound
 
 from attn_jax import checkpoint, commands, summary, train
 from attn_jax.errors import UserError
@@ -163,3 +166,24 @@ def test_dropout_only_in_training():
     train_b = apply(variables, images, train=True, rngs={"dropout": jax.random.key(3)})[0]
     np.testing.assert_array_equal(eval_a, eval_b)
     assert not np.allclose(train_a, train_b)
+
+
+def keras_init(keys, shape, parent):
+    """The tutorial's (Keras') initialiser of each parameter: Glorot-uniform kernels with Keras'
+    fans (MultiHeadAttention's [d, heads, d] projections included), zero biases and class token."""
+    if "scale" in parent:  # LayerNormalization: gamma 1, beta 0
+        return "constant", 1.0 if keys[-1] == "scale" else 0.0
+    if keys[-1] in ("bias", "cls_token"):  # bias_initializer="zeros"; tf.zeros((1, 1, d))
+        return "constant", 0.0
+    assert keys[-1] == "kernel", keys
+    return "uniform", keras_glorot_bound(shape)
+
+
+@pytest.mark.parametrize("tie_trunk", [True, False])
+def test_initialisers_match_keras(tie_trunk):
+    config = _tiny(tie_trunk)
+    config.model.dim = 32
+    model = train.create_model(config, 10)
+    params = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(0, impl="rbg"), jnp.zeros((1, 16, 16, 3)))["params"]
+    assert check_initialisers(params, keras_init).keys() == {"uniform"}

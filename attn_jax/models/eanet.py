@@ -16,16 +16,15 @@ M_k = Dense(S) shared across heads, softmax over the tokens, L1 over the S memor
 "double normalisation"), dropout, memory values M_v = Dense(head_dim), merge heads, Dense(dim),
 dropout. The tutorial has S = dim // dim_coefficient = 16; the paper uses S = 64 (`memory_slots`).
 
-Initialisers follow Keras (Glorot-uniform kernels, zero biases, uniform(-0.05, 0.05) position
-embedding). The MLP's GELU is a field, `gelu_approximate`: False (the default) is exact (erf), as
-`tf.nn.gelu` in the TensorFlow 2 version of the tutorial, the run behind the published 43.91%; True
-is the tanh approximation that the current Keras 3 text gets from `ops.gelu` (whose default is
-`approximate=True`), a difference below 1e-3 per activation. The tutorial's softmax head is left to
-the loss: the model returns logits.
+Initialisers follow Keras (Glorot-uniform kernels with Keras' fans, see `DenseParams`; zero biases,
+uniform(-0.05, 0.05) position embedding). The MLP's GELU is a field, `gelu_approximate`: False (the
+default) is exact (erf), as `tf.nn.gelu` in the TensorFlow 2 version of the tutorial, the run behind
+the published 43.91%; True is the tanh approximation that the current Keras 3 text gets from
+`ops.gelu` (whose default is `approximate=True`), a difference below 1e-3 per activation. The
+tutorial's softmax head is left to the loss: the model returns logits.
 """
 
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -100,8 +99,13 @@ def apply_dropout(x: jax.Array, keep: jax.Array | None, rate: float) -> jax.Arra
 class DenseParams(nn.Module):
     """A Keras Dense layer's variables, returned, not applied: () -> (kernel [*in, *out], bias [*out]).
 
-    Glorot-uniform on the kernel seen as a matrix [prod(in), prod(out)] and a zero bias, stored as
-    {kernel, bias} exactly as `nn.Dense` (int shapes) or `nn.DenseGeneral` (tuples) store them.
+    Glorot-uniform kernel and zero bias, stored as {kernel, bias} exactly as `nn.Dense` (int shapes)
+    or `nn.DenseGeneral` (tuples) store them. The Glorot fans are Keras' for the kernel's shape:
+    Keras takes a rank-3 kernel for a conv kernel, so MultiHeadAttention's query [dim, heads, dim]
+    gets fan_in = heads * dim, fan_out = dim * dim (std 0.021 for the ViT baseline, not the matrix
+    [dim, heads * dim]'s 0.079) and its output [heads, dim, dim] fan_in = fan_out = heads * dim.
+    Flax's `xavier_uniform` on the full shape computes the same. That is what the tutorial ran with
+    (tf.keras; Keras 3 computes matrix fans since keras-team/keras#22789, 2026).
     """
 
     in_shape: int | tuple[int, ...]
@@ -110,12 +114,7 @@ class DenseParams(nn.Module):
     @nn.compact
     def __call__(self):
         in_shape, out_shape = (tuple(np.atleast_1d(s)) for s in (self.in_shape, self.out_shape))
-
-        def init(key, shape, dtype):
-            matrix = glorot(key, (math.prod(in_shape), math.prod(out_shape)), dtype)
-            return matrix.reshape(shape)
-
-        kernel = self.param("kernel", init, in_shape + out_shape, jnp.float32)
+        kernel = self.param("kernel", glorot, in_shape + out_shape, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, out_shape, jnp.float32)
         return kernel, bias
 

@@ -13,8 +13,8 @@ simplified form of the keras-io `patch_convnet` example (CIFAR-10, 1,436,426 tra
 Differences from the paper (implemented in `patch_convnet.py`): a two-conv stem with biases, a full
 (not depthwise) 3x3 conv, squeeze-excite by Dense layers without bias at ratio 1/8, no layer-scale or
 drop-path, a LayerNorm over [cls; patches] before attention, and a Dense-GELU-Dense-GELU class MLP.
-Initialisers follow Keras (Glorot-uniform kernels, zero biases, zero class token) and GELU is exact
-(erf), as in `tf.nn.gelu`.
+Initialisers follow Keras (Glorot-uniform kernels, with Keras' fans for the attention's rank-3
+kernels: `keras_glorot`; zero biases, zero class token) and GELU is exact (erf), as in `tf.nn.gelu`.
 
 The trunk's weights are shared (`tie_trunk`). The tutorial's `Trunk.build` makes ONE list of layers
 and wraps that same list `depth` times (`[keras.Sequential(trunk_block) for _ in
@@ -38,6 +38,22 @@ Dtype = Any
 gelu = functools.partial(nn.gelu, approximate=False)
 glorot = nn.initializers.xavier_uniform()
 SHARED_BLOCK = "TrunkBlock_shared"  # the trunk block of `tie_trunk=True`
+
+
+def keras_glorot(kernel_shape: tuple[int, ...]):
+    """Glorot-uniform with the fans Keras gives a kernel of `kernel_shape`, for `nn.DenseGeneral`
+    (which hands its initialiser the kernel flattened to a matrix).
+
+    Keras takes a rank-3 kernel for a conv kernel: MultiHeadAttention's query [d, heads, key_dim]
+    gets fan_in = heads * d and fan_out = key_dim * d (Flax's `xavier_uniform` on the full shape
+    computes the same), so with one head of key_dim d its std is sqrt(2 / (d + d^2)), not the
+    matrix's sqrt(1 / d): 11x smaller at d = 256. That is what the tutorial ran with (tf.keras;
+    Keras 3 computes matrix fans since keras-team/keras#22789, 2026).
+    """
+    def init(key, shape, dtype=jnp.float32):
+        return glorot(key, kernel_shape, dtype).reshape(shape)
+
+    return init
 
 
 class ConvStem(nn.Module):
@@ -109,7 +125,8 @@ class AttentionPooling(nn.Module):
         batch, _, dim = patches.shape
         layer_norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=jnp.float32)
         dense = functools.partial(nn.Dense, dim, kernel_init=glorot, dtype=self.dtype)
-        proj = functools.partial(nn.DenseGeneral, (1, dim), kernel_init=glorot, dtype=self.dtype)
+        proj = functools.partial(nn.DenseGeneral, (1, dim), kernel_init=keras_glorot((dim, 1, dim)),
+                                 dtype=self.dtype)
 
         cls = self.param("cls_token", nn.initializers.zeros, (1, 1, dim), jnp.float32)
         cls = jnp.broadcast_to(cls, (batch, 1, dim))
@@ -122,8 +139,8 @@ class AttentionPooling(nn.Module):
         weights = nn.softmax(scores.astype(jnp.float32), axis=-1)  # [B, 1, 1, N + 1]
         dropped = nn.Dropout(self.attention_dropout)(weights, deterministic=not train)
         attended = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(v.dtype), v)
-        attended = nn.DenseGeneral(dim, axis=(-2, -1), kernel_init=glorot, dtype=self.dtype,
-                                   name="out")(attended)  # [B, 1, d]
+        attended = nn.DenseGeneral(dim, axis=(-2, -1), kernel_init=keras_glorot((1, dim, dim)),
+                                   dtype=self.dtype, name="out")(attended)  # [B, 1, d]
 
         cls = layer_norm()(cls + attended)[:, 0]  # [B, d]
         cls = layer_norm()(cls)
