@@ -43,6 +43,7 @@ def tiny_patch_convnet_config(**overrides):
     config.model.dim = 16
     config.model.depth = 1
     config.model.se_ratio = 4
+    config.dataset.read_workers = 0  # decode in the test's process (grain workers: launch.py tests)
     for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")
@@ -68,11 +69,50 @@ def shared_cifar10() -> Path:
 
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory) -> Path:
-    """A tfds data_dir holding the prepared `sklearn_digits` dataset (made offline, ~10 s)."""
+    """A tfds data_dir holding `sklearn_digits` prepared as ArrayRecord, as attn_jax prepares it
+    (offline, ~6 s; preparing needs TensorFlow, reading it does not)."""
+    return _prepared_digits(tmp_path_factory.mktemp("tfds"), "array_record")
+
+
+@pytest.fixture(scope="session")
+def digits_tfrecord_dir(tmp_path_factory) -> Path:
+    """A tfds data_dir holding `sklearn_digits` prepared as TFRecord (tfds' older default)."""
+    return _prepared_digits(tmp_path_factory.mktemp("tfds_tfrecord"), "tfrecord")
+
+
+def _prepared_digits(data_dir: Path, file_format: str) -> Path:
     import tensorflow_datasets as tfds
 
     import attn_jax.datasets  # noqa: F401
 
-    data_dir = tmp_path_factory.mktemp("tfds")
-    tfds.builder("sklearn_digits", data_dir=str(data_dir)).download_and_prepare()
+    tfds.builder("sklearn_digits", data_dir=str(data_dir)).download_and_prepare(
+        file_format=file_format)
     return data_dir
+
+
+# Puts a `sitecustomize.py` first on PYTHONPATH that makes TensorFlow look uninstalled to a
+# subprocess (importlib's path finder never finds it), as on a JAX-only GPU machine.
+NO_TENSORFLOW = """
+import importlib.machinery
+
+_find_spec = importlib.machinery.PathFinder.find_spec.__func__
+
+
+def _without_tensorflow(cls, name, path=None, target=None):
+    if name == "tensorflow" or name.startswith("tensorflow."):
+        return None
+    return _find_spec(cls, name, path, target)
+
+
+importlib.machinery.PathFinder.find_spec = classmethod(_without_tensorflow)
+"""
+
+
+@pytest.fixture
+def no_tensorflow_env(tmp_path) -> dict:
+    """The environment of a subprocess in which `import tensorflow` fails as if not installed."""
+    site = tmp_path / "no_tensorflow"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NO_TENSORFLOW)
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}

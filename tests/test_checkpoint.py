@@ -1,7 +1,6 @@
 """Checkpoints: exact resume after SIGTERM and SIGKILL, evaluation of saved runs, bad workdirs."""
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -14,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import ROOT, load_experiment
 
-from attn_jax import benchmark, train
+from attn_jax import benchmark, checkpoint, train
 from attn_jax.errors import UserError
 
 # A tiny PatchConvNet on 480 digits: 30 steps per epoch, 2 epochs, a checkpoint every 10 steps and
@@ -35,8 +34,8 @@ def _config(data_dir):
     return config
 
 
-def _launch(workdir, data_dir) -> subprocess.Popen:
-    flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+def _launch(workdir, data_dir, extra=()) -> subprocess.Popen:
+    flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + list(extra)
     return subprocess.Popen(
         [sys.executable, "launch.py", "--config=experiments/patch_convnet.py:smoke",
          f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}", *flags],
@@ -77,14 +76,24 @@ def finished_run(tmp_path_factory, digits_data_dir):
     return workdir, final
 
 
+# The device-resident path, and the streamed one read by 2 grain worker processes.
+PATHS = {"resident": [], "streamed": ["--config.dataset.resident_limit_mib=0",
+                                      "--config.dataset.read_workers=2"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path, seed", [("resident", 1), ("streamed", 2)])
 def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, digits_data_dir,
-                                                               finished_run):
+                                                               finished_run, path, seed):
     reference, _ = finished_run
     workdir = tmp_path / "interrupted"
-    rng = random.Random(os.getpid())
+    rng = random.Random(seed)  # fixed kill points: a failure reruns the same way
+
+    def launch():
+        return _launch(workdir, digits_data_dir, PATHS[path])
 
     # SIGTERM: finish the step, save, say so, exit 0.
-    process = _launch(workdir, digits_data_dir)
+    process = launch()
     _wait_for_step(process, workdir, rng.randint(3, 18))
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
@@ -94,15 +103,16 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, digits_
     assert saved_at in [int(p.name) for p in (workdir / "checkpoints").iterdir()]
 
     # SIGKILL at a random later step: no chance to save anything.
-    process = _launch(workdir, digits_data_dir)
+    process = launch()
     killed_at = _wait_for_step(process, workdir, rng.randint(saved_at + 12, 55))
     process.kill()
     process.wait()
 
     # Relaunch: resumes from the last checkpoint before the kill and finishes.
-    process = _launch(workdir, digits_data_dir)
+    process = launch()
     out, err = process.communicate(timeout=240)
     assert process.returncode == 0, err
+    assert ("on the devices" if path == "resident" else "streamed") in out
     resumed_from = int(out.split("resumed from the checkpoint at step ")[1].split()[0])
     assert saved_at <= resumed_from <= killed_at  # a save in flight at the kill is not restored
 
@@ -138,12 +148,28 @@ def test_checkpoint_of_another_model_is_refused_and_left_intact(digits_data_dir,
     before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
     config = _config(digits_data_dir)
     config.model.dim = 24
-    with pytest.raises(UserError, match=r"different model \(model.dim: checkpoint 16 vs config 24\)"):
+    with pytest.raises(UserError, match=r"different model or data order \(model.dim: checkpoint 16 "
+                                        r"vs config 24\)"):
         train.train_and_evaluate(config, str(workdir))
     with pytest.raises(UserError, match="different model"):
         train.evaluate_checkpoint(config, str(workdir), "latest")
     after = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
     assert after == before  # nothing written, nothing overwritten
+
+
+def test_run_saved_in_the_tf_data_order_is_refused_but_evaluates(tmp_path, digits_data_dir,
+                                                                 finished_run):
+    """Checkpoints from before the one permutation per epoch (tf.data's shuffle, no `data_order`)
+    are not resumed in another order; evaluating them is fine."""
+    config = _config(digits_data_dir)
+    workdir = tmp_path / "old"
+    run = train.build_run(config, train.create_mesh(), workdir)
+    ckpt = checkpoint.Checkpointer(workdir, keep=3)
+    ckpt.save(run.state, train.zero_sums(run.mesh), checkpoint.model_description(config))
+    ckpt.close()
+    with pytest.raises(UserError, match="data_order: checkpoint None vs config 'permutation-v1'"):
+        train.train_and_evaluate(config, str(workdir))
+    assert train.evaluate_checkpoint(config, str(workdir), "latest")["step"] == 0
 
 
 def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, digits_data_dir,
@@ -158,7 +184,7 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, digits_
         final = train.train_and_evaluate(_config(digits_data_dir), str(workdir))
     # A resumed run compiles each step once: the partial last evaluation batch (val: 120 = 64 + 56)
     # is padded to the compiled shape, and the val and test splits share the eval step.
-    assert (compilations["jit(train_step)"], compilations["jit(eval_step)"]) == (1, 1)
+    assert (compilations["jit(train_steps)"], compilations["jit(eval_step)"]) == (1, 1)
     out = capsys.readouterr().out
     assert f"checkpoint {workdir / 'checkpoints' / str(steps[-1])} is unreadable" in out
     assert (workdir / "checkpoints_unreadable" / str(steps[-1])).is_dir()  # set aside, not lost

@@ -36,22 +36,20 @@ def _free_port() -> int:
 
 
 def _reference(config, workdir):
-    """One process, 8 devices, fed the global batches two processes assemble: [shard 0; shard 1]."""
-    run = train.build_run(config, train.create_mesh(), workdir)
-    shards = [data.load_split(config.dataset, config.dataset.train_split, i, 2) for i in (0, 1)]
-    local = [data.train_batches(s, 8, config.dataset.shuffle_buffer, config.seed, 0) for s in shards]
-    losses = []
-    for first, second in zip(*local, strict=True):
-        batch = {k: np.concatenate([first[k], second[k]]) for k in first}
-        run.state, sums = run.train_fn(run.state, data.to_global(batch, run.mesh), run.train_key,
-                                       run.stats)
-        losses.append(float(sums["loss"]) / float(sums["count"]))
-    return losses, run.evaluate("val")
+    """One process on 8 devices: the training order does not depend on the process count."""
+    train.train_and_evaluate(config, str(workdir))
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in records if "train/loss" in r], next(
+        r for r in records if "val/loss" in r)
 
 
-def test_two_processes_match_one(tmp_path, digits_data_dir):
-    config = _config(digits_data_dir)
-    flags = [f"--config.{k}={v}" for k, v in SMALL.items()]
+@pytest.mark.slow
+@pytest.mark.parametrize("resident_limit_mib", [None, 0], ids=["resident", "streamed"])
+def test_two_processes_match_one(tmp_path, digits_data_dir, resident_limit_mib):
+    """Each process holds the split (resident) or reads its rows of every global batch (streamed)."""
+    overrides = {**SMALL, "dataset.resident_limit_mib": resident_limit_mib}
+    config = _config(digits_data_dir, overrides)
+    flags = [f"--config.{k}={v}" for k, v in overrides.items()]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     env.pop("JAX_COMPILATION_CACHE_DIR")  # two processes sharing conftest's cache aborted (SIGABRT)
     port = _free_port()
@@ -65,27 +63,31 @@ def test_two_processes_match_one(tmp_path, digits_data_dir):
     for p, (_, err) in zip(processes, outputs, strict=True):
         assert p.returncode == 0, err[-2000:]
     assert "8 device(s)" in outputs[0][0]
+    assert ("on the devices" if resident_limit_mib is None else "streamed") in outputs[0][0]
     assert "epoch 1/1" in outputs[0][0] and "epoch" not in outputs[1][0]  # only process 0 logs
 
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     two_losses = [r["train/loss"] for r in records if "train/loss" in r]
     val = next(r for r in records if "val/loss" in r)
     one_losses, one_val = _reference(config, tmp_path / "reference")
+    assert len(two_losses) == 10  # 160 // 16 steps, one log line each
     np.testing.assert_allclose(two_losses, one_losses, rtol=1e-5)
-    assert val["val/examples"] == one_val["examples"] == 37  # 19 + 18 over the two processes
-    np.testing.assert_allclose(val["val/loss"], one_val["loss"], rtol=1e-5)
+    assert val["val/examples"] == one_val["val/examples"] == 37  # 19 + 18 over the two processes
+    np.testing.assert_allclose(val["val/loss"], one_val["val/loss"], rtol=1e-5)
 
 
 def test_uneven_eval_shards_pad_to_the_same_batch_count(digits_data_dir):
     config = _config(digits_data_dir)
-    shards = [data.load_split(config.dataset, "train[1150:1187]", i, 2) for i in (0, 1)]
-    assert [s.num_local_examples for s in shards] == [19, 18]
+    split = data.load_split(config.dataset, "train[1150:1187]")
+    assert [len(data.local_shard(37, i, 2)) for i in (0, 1)] == [19, 18]
     # Every process must run as many eval steps as the others, padding with masked examples.
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(jax, "process_count", lambda: 2)
-        batches = [list(data.eval_batches(s, 8)) for s in shards]
+        batches = [list(data.eval_batches(split, 8, i, 2)) for i in (0, 1)]
     assert [len(b) for b in batches] == [3, 3]
     assert sum(int(b["mask"].sum()) for shard in batches for b in shard) == 37
+    labels = np.concatenate([b["labels"][b["mask"]] for shard in batches for b in shard])
+    np.testing.assert_array_equal(labels, split.examples.read(np.arange(37))[1])  # each once
 
 
 SWEEP_EXPERIMENT = """

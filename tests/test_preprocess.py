@@ -70,18 +70,3 @@ def test_training_equals_eval_with_random_steps_off(normalize):
                zoom=0.0)
     np.testing.assert_allclose(preprocess.for_train(images, jax.random.key(1), cfg, stats),
                                preprocess.for_eval(images, cfg, stats), rtol=1e-6)
-
-
-def test_host_resize_batches_images_of_mixed_sizes(tmp_path):
-    """config.dataset.image_size: ImageNet-like datasets whose images differ in size still batch."""
-    import tensorflow as tf
-
-    from attn_jax import data
-
-    images = [np.full((h, w, 3), 200, np.uint8) for h, w in ((40, 60), (33, 20), (64, 64))]
-    ds = tf.data.Dataset.from_generator(lambda: iter(images),
-                                        output_signature=tf.TensorSpec((None, None, 3), tf.uint8))
-    resized = ds.map(lambda im: data._fixed_size(im, 32)).batch(3)
-    batch = next(iter(resized)).numpy()
-    assert batch.shape == (3, 32, 32, 3) and batch.dtype == np.uint8
-    assert (batch == 200).all()  # a constant image stays constant

@@ -77,22 +77,6 @@ def test_evaluation_counts_every_example_once(tiny_config):
     assert float(sums["count"]) == 3 and float(sums["top1"]) == 2 and float(sums["loss"]) == 3
 
 
-def test_train_batches_reshuffle_each_epoch_and_resume_mid_epoch(tiny_config):
-    config = tiny_config()
-    with tfds.testing.mock_data(num_examples=40):
-        split = data.load_split(config.dataset, "train")
-        epoch0 = [b["labels"] for b in data.train_batches(split, 8, 100, seed=0, epoch=0)]
-        again = [b["labels"] for b in data.train_batches(split, 8, 100, seed=0, epoch=0)]
-        epoch1 = [b["labels"] for b in data.train_batches(split, 8, 100, seed=0, epoch=1)]
-        resumed = [b["labels"] for b in data.train_batches(split, 8, 100, seed=0, epoch=0, start=3)]
-        images = [b["images"] for b in data.train_batches(split, 8, 100, seed=0, epoch=0)]
-    assert len(epoch0) == 5
-    np.testing.assert_array_equal(np.concatenate(epoch0), np.concatenate(again))
-    assert not np.array_equal(np.concatenate(epoch0), np.concatenate(epoch1))
-    np.testing.assert_array_equal(np.concatenate(resumed), np.concatenate(epoch0[3:]))
-    assert len({im.tobytes() for im in np.concatenate(images)}) == 40  # every example once
-
-
 def test_learning_rate_schedule_corners(tiny_config):
     cfg = tiny_config().optimizer  # warm-up over 15%, peak 1e-3, cosine to 0
     schedule = train.create_learning_rate_fn(cfg, total_steps=1000)
