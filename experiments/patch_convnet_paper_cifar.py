@@ -10,11 +10,12 @@ compared with the tutorial's under one harness.
 Our choices, not the paper's: dim 128, depth 8, 2 stem convs on 32x32 images (no upscaling:
 resize 36 + random crop 32 in training) -> 8x8 = 64 patches, layer-scale init 1e-6, drop-path
 0.05, class-MLP ratio 3 (the paper's), no attention dropout: 587,082 parameters, 0.025 G
-multiply-adds of convs and matmuls per image (the tutorial's model: 2,174,986 parameters, 0.271 G,
-144 patches). The size was picked for the 2-core CPU: XLA's CPU depthwise convolution is slow (its
-forward + backward took 4.6x the time of a 1x1 conv of the same shape that does 21x more work), so
-in a bare train-step benchmark under a load of about 7 dim 192 / depth 12 ran at 11 images/s and
-dim 128 / depth 8 at 33 (the tutorial's model at 8).
+multiply-adds of convs and matmuls per image (the tutorial's model: 1,436,426 parameters with its
+shared trunk block, 2,174,986 untied, 0.271 G, 144 patches). The size was picked for the 2-core
+CPU: XLA's CPU depthwise convolution is slow (its forward + backward took 4.6x the time of a 1x1
+conv of the same shape that does 21x more work), so in a bare train-step benchmark under a load of
+about 7 dim 192 / depth 12 ran at 11 images/s and dim 128 / depth 8 at 33 (the tutorial's model at
+8).
 
     python launch.py --config=experiments/patch_convnet_paper_cifar.py --workdir=runs/paper_cifar
 
