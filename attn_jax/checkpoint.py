@@ -38,6 +38,11 @@ def run_description(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {**model_description(config), "data_order": DATA_ORDER}
 
 
+# Model fields added after checkpoints had been saved, with the value every earlier checkpoint's model
+# had: a description without the entry is read with it (untied trunk, exact GELU).
+ADDED_FIELDS = {"model.tie_trunk": False, "model.gelu_approximate": False}
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
     """{"model": {"dim": 64}} -> {"model.dim": 64}."""
     flat = {}
@@ -159,6 +164,9 @@ class Checkpointer:
         saved = self.manager.restore(step, args=ocp.args.Composite(
             description=ocp.args.JsonRestore()))["description"]
         saved, expected = _flatten(saved), _flatten(description)
+        for key, value in ADDED_FIELDS.items():
+            if key in expected:
+                saved.setdefault(key, value)
         sections = {k.split(".")[0] for k in expected}  # evaluation does not check the data order
         differ = [k for k in sorted(saved.keys() | expected.keys())
                   if k.split(".")[0] in sections and saved.get(k) != expected.get(k)]

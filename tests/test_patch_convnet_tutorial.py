@@ -187,3 +187,22 @@ def test_initialisers_match_keras(tie_trunk):
     params = jax.jit(functools.partial(model.init, train=False))(
         jax.random.key(0, impl="rbg"), jnp.zeros((1, 16, 16, 3)))["params"]
     assert check_initialisers(params, keras_init).keys() == {"uniform"}
+
+
+def test_checkpoint_from_before_tie_trunk_restores_as_untied_only(tmp_path):
+    """A description without model.tie_trunk was saved by the untied model, the only one then."""
+    images = jnp.zeros((1, 16, 16, 3))
+    configs = {t: _tiny(t) for t in (True, False)}
+    states = {t: _State(jnp.array(1), train.create_model(c, 10).init(
+        jax.random.key(0), images, train=False)["params"]) for t, c in configs.items()}
+    sums = {"count": jnp.zeros(())}
+    old = checkpoint.model_description(configs[False])
+    del old["model"]["tie_trunk"]
+    ckpt = checkpoint.Checkpointer(tmp_path, keep=1)
+    ckpt.save(states[False], sums, old)
+    ckpt.wait()
+    restored, _ = ckpt.restore(1, states[False], sums, checkpoint.model_description(configs[False]))
+    assert jax.tree.structure(restored.params) == jax.tree.structure(states[False].params)
+    with pytest.raises(UserError, match=r"model\.tie_trunk: checkpoint False vs config True"):
+        ckpt.restore(1, states[True], sums, checkpoint.model_description(configs[True]))
+    ckpt.close()
