@@ -300,7 +300,7 @@ def resident_limit_bytes(cfg: ml_collections.ConfigDict, device: jax.Device | No
 
 def is_resident(split: Split, cfg: ml_collections.ConfigDict, mesh: Mesh) -> bool:
     """Whether `split` is kept on every device: it fits within the resident limit."""
-    return split.nbytes <= resident_limit_bytes(cfg, mesh.devices.flat[0])
+    return split.nbytes <= resident_limit_bytes(cfg, mesh.local_devices[0])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def test_two_processes_match_one(tmp_path, digits_data_dir, resident_limit_mib):
     """Each process holds the split (resident) or reads its rows of every global batch (streamed)."""
     overrides = {**SMALL, "dataset.resident_limit_mib": resident_limit_mib}
     config = _config(digits_data_dir, overrides)
-    flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+    flags = [f"--config.{k}={v}" for k, v in overrides.items() if v is not None]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     env.pop("JAX_COMPILATION_CACHE_DIR")  # two processes sharing conftest's cache aborted (SIGABRT)
     port = _free_port()
