@@ -19,10 +19,13 @@ TensorFlow is installed; without it, the error says how to convert them
 (`python -m attn_jax.convert_dataset`).
 """
 
+import ctypes
 import dataclasses
 import math
 import os
 import queue
+import signal
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -246,7 +249,17 @@ def read_batches(split: Split, batches: Sequence[np.ndarray]) -> Iterator[tuple[
         flags.FLAGS.mark_as_parsed()  # when attn_jax is called from Python (a notebook, the tests)
     ds = grain.MapDataset.source(_BatchReads(split.examples, list(batches)))
     options = grain.MultiprocessingOptions(num_workers=min(split.workers, len(batches)))
-    yield from ds.to_iter_dataset().mp_prefetch(options)
+    yield from ds.to_iter_dataset().mp_prefetch(options, worker_init_fn=_exit_with_parent)
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """In a grain worker: have Linux kill it when the process that started it dies, so a run killed
+    with SIGKILL leaves no decoding processes behind."""
+    del worker_index, worker_count
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before the call
+            os._exit(1)
 
 
 class _BatchReads:
