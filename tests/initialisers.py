@@ -21,7 +21,7 @@ def keras_fans(shape: tuple[int, ...]) -> tuple[int, int]:
     """(fan_in, fan_out) as Keras computes them for a weight of `shape` without explicit axes (TF2
     `tf.keras` and Keras 3 alike): a rank > 2 weight is taken for a conv kernel, the leading axes
     being its receptive field. Keras' EinsumDense (MultiHeadAttention's projections) used this for
-    its rank-3 kernels until keras-team/keras#22789 (2026), after the tutorials' runs."""
+    its rank-3 kernels when the tutorials ran; recent Keras 3 (e.g. 3.15.1) passes it the axes."""
     if len(shape) == 2:
         return shape[0], shape[1]
     receptive = math.prod(shape[:-2])

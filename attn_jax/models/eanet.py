@@ -105,7 +105,7 @@ class DenseParams(nn.Module):
     gets fan_in = heads * dim, fan_out = dim * dim (std 0.021 for the ViT baseline, not the matrix
     [dim, heads * dim]'s 0.079) and its output [heads, dim, dim] fan_in = fan_out = heads * dim.
     Flax's `xavier_uniform` on the full shape computes the same. That is what the tutorial ran with
-    (tf.keras; Keras 3 computes matrix fans since keras-team/keras#22789, 2026).
+    (tf.keras; recent Keras 3, e.g. 3.15.1, computes matrix fans instead).
     """
 
     in_shape: int | tuple[int, ...]

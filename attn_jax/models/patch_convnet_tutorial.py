@@ -48,7 +48,7 @@ def keras_glorot(kernel_shape: tuple[int, ...]):
     gets fan_in = heads * d and fan_out = key_dim * d (Flax's `xavier_uniform` on the full shape
     computes the same), so with one head of key_dim d its std is sqrt(2 / (d + d^2)), not the
     matrix's sqrt(1 / d): 11x smaller at d = 256. That is what the tutorial ran with (tf.keras;
-    Keras 3 computes matrix fans since keras-team/keras#22789, 2026).
+    recent Keras 3, e.g. 3.15.1, gives EinsumDense's initialiser the input and output axes instead).
     """
     def init(key, shape, dtype=jnp.float32):
         return glorot(key, kernel_shape, dtype).reshape(shape)
