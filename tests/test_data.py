@@ -98,16 +98,23 @@ def test_k_steps_in_one_call_equal_k_calls(tmp_path, tiny_config, resident_limit
 
     (one_params, one_sums), (four_params, four_sums) = train_epoch([1] * 4), train_epoch([4])
     assert int(run.state.step) == 4
-    # Not bitwise: XLA compiles the 4 steps as one program and fuses across their boundaries (even
-    # fully unrolled), so a few float roundings differ; Adam's normalised update turns last-bit
+    # Not bitwise: XLA compiles the 4 steps as one program and fuses across their boundaries
+    # (looped or unrolled), so a few float roundings differ; Adam's normalised update turns last-bit
     # gradient differences of near-zero gradients into parameter differences of up to ~3e-5
-    # (measured 1.3e-5 to 2.9e-5 with 1 or 8 devices), against updates of ~4e-3.
+    # (measured 6e-6 to 2.9e-5, looped or unrolled, 1 or 8 devices), against updates of ~4e-3.
     moved, differ = (max(float(np.max(np.abs(a - b))) for a, b in zip(
         jax.tree.leaves(x), jax.tree.leaves(y), strict=True))
         for x, y in ((initial.params, one_params), (one_params, four_params)))
     assert differ < 1e-4 and moved > 30 * differ
     np.testing.assert_allclose(four_sums["loss"], one_sums["loss"], rtol=1e-6)
     assert four_sums["top1"] == one_sums["top1"] and float(one_sums["count"]) == 64
+
+
+def test_unroll_steps_auto_unrolls_on_cpu_only():
+    assert train.unroll_steps("auto") is (jax.default_backend() == "cpu")
+    assert train.unroll_steps(False) is False
+    with pytest.raises(UserError, match="config.unroll_steps is 'yes': use 'auto', True or False"):
+        train.unroll_steps("yes")
 
 
 def test_tfrecord_data_reads_like_array_record(digits_data_dir, digits_tfrecord_dir):
