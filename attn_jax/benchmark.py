@@ -13,8 +13,9 @@ Measured, in this order, in one process:
    GFLOP/s within minutes on this project's machine); pairing each timing with its own peak keeps
    the ratio honest. XLA:CPU runs one device's program on every core of the process, so with
    several (fake) CPU devices this is the peak of all of them together, not of each.
-2. The train step and the eval step, ahead-of-time compiled exactly as a training run compiles them
-   (`train.jit_steps`), timed on one device-resident batch of random uint8 images (synthetic: no
+2. The train step and the eval step, ahead-of-time compiled (`train.jit_steps`: one step on a given
+   batch, the step a run's calls are made of; part 4 times the calls themselves), timed on one
+   device-resident batch of random uint8 images (synthetic: no
    input pipeline): `warmup` calls, then `repeats` timings of `steps` calls each; the median per
    step gives images/s. FLOPs per image come from XLA's cost analysis of the compiled step (every
    op it keeps, element-wise ones included, a multiply-add as 2; a step with loops, as attention
@@ -330,21 +331,27 @@ def time_pipeline(feed: data.StreamedFeed, batches: int) -> dict:
             "images_per_s": (count - 1) * feed.global_batch / (end - first) if count > 1 else None}
 
 
-def synthetic_feed(batch: dict, mesh) -> dict:
-    """A resident feed whose split is the one synthetic `batch` (order 0..B-1): every step of the
-    run's own jitted call gathers that same batch."""
-    host = jax.device_get({k: batch[k] for k in ("images", "labels")})
-    return {k: data.replicated(np.asarray(v), mesh) for k, v in host.items()} | {
-        "order": data.replicated(np.arange(len(host["labels"]), dtype=np.int32), mesh)}
+def synthetic_feed(size: int, image_shape, num_classes: int, mesh, seed: int = 0) -> dict:
+    """A resident feed whose split is one batch of `size` random images (order 0..size-1, the same
+    in every process): every step of the run's own jitted call gathers that same batch."""
+    rng = np.random.default_rng(seed)
+    return {"images": data.replicated(rng.integers(0, 256, (size, *image_shape), dtype=np.uint8), mesh),
+            "labels": data.replicated(rng.integers(0, num_classes, size).astype(np.int32), mesh),
+            "order": data.replicated(np.arange(size, dtype=np.int32), mesh)}
 
 
-def compare_feeds(config: ml_collections.ConfigDict, mesh, state, train_key, stats, batch: dict,
-                  split: data.Split, opts: dict, say) -> tuple[dict, object]:
+def compare_feeds(config: ml_collections.ConfigDict, mesh, state, train_key, stats,
+                  split: data.Split, opts: dict) -> tuple[dict, object]:
     """Training as a run trains (`train.jit_train_steps`, config.steps_per_call steps per call) fed
     by the device-resident split, by the streamed pipeline and by a synthetic resident batch, in
     `rounds` alternating rounds of about `compare_steps` steps each; the medians and their ratios."""
     k = config.steps_per_call
-    calls = max(1, opts["compare_steps"] // k)
+    steps_per_epoch = split.num_examples // config.batch_size
+    # Each round reads one epoch of each feed: at most its steps, one call of them untimed.
+    calls = min(max(1, opts["compare_steps"] // k), steps_per_epoch // k - 1)
+    if calls < 1:
+        return {"skipped": f"an epoch of {steps_per_epoch} steps is too short for 2 calls of "
+                           f"{k} steps"}, state
     fns = {resident: train.jit_train_steps(config, mesh, k, resident) for resident in (True, False)}
     start = time.perf_counter()
     feeds = {"streamed": data.StreamedFeed(split, mesh, config.batch_size, config.seed,
@@ -355,7 +362,8 @@ def compare_feeds(config: ml_collections.ConfigDict, mesh, state, train_key, sta
         report["resident_load_s"] = time.perf_counter() - start  # decode + put on the devices
     sums = train.zero_sums(mesh)
     rates = {name: [] for name in ("synthetic", *feeds)}
-    synthetic = synthetic_feed(batch, mesh)
+    synthetic = synthetic_feed(config.batch_size, split.image_shape, config.dataset.num_classes,
+                               mesh)
 
     def timed(name: str, feed_calls: Iterator[dict], resident: bool) -> None:
         nonlocal state, sums
@@ -469,6 +477,8 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str | None = None, mes
 
     # The steps, built and compiled as a training run builds them.
     data.local_batch_size(config.batch_size, mesh)  # the same errors as a run for a bad batch
+    if config.steps_per_call < 1:
+        raise UserError(f"config.steps_per_call is {config.steps_per_call}: use 1 or more")
     num_classes = config.dataset.num_classes
     model, state, train_key = initial_state(config, mesh)
     size = config.preprocess.size
@@ -546,8 +556,10 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str | None = None, mes
             say(f"streamed input pipeline alone: {rate} images/s ({pipeline['batches']} batches, "
                 f"{split.workers} read workers; first batch after {pipeline['first_batch_s']:.2f}s)")
             comparison, state_box[0] = compare_feeds(config, mesh, state_box[0], train_key, stats,
-                                                     batch, split, opts, say)
+                                                     split, opts)
             report["feeds"] = comparison
+            if "skipped" in comparison:
+                say(f"feeds against synthetic data: skipped ({comparison['skipped']})")
             if "resident_load_s" in comparison:
                 say(f"training split decoded and put on the devices in "
                     f"{comparison['resident_load_s']:.1f}s")

@@ -183,48 +183,46 @@ def load_split(cfg: ml_collections.ConfigDict, split: str) -> Split:
     """The tfds split `split` (e.g. "train[:40000]") of config.dataset `cfg`, by random access."""
     builder = _builder(cfg)
     image_size = cfg.get("image_size")
-    try:
-        records = builder.as_data_source(split=split)
-    except NotImplementedError:  # prepared as TFRecord: no random access without TensorFlow
-        records = _tfrecord_examples(builder, split, cfg)
-    except (ValueError, KeyError, AssertionError) as e:
-        raise UserError(f"bad split {split!r} for dataset {cfg.name!r}: {e}") from None
     features = builder.info.features
     if cfg.image_key not in features or cfg.label_key not in features:
         raise UserError(f"dataset {cfg.name!r} has features {sorted(features.keys())}: set "
                         "config.dataset.image_key and label_key to two of them")
-    if isinstance(records, Arrays):
-        examples = records
-    else:
-        examples = Examples(records, cfg.image_key, cfg.label_key, image_size)
     shape = features[cfg.image_key].shape
     if image_size:
         shape = (image_size, image_size, shape[-1])
     elif None in shape:
         raise UserError(f"the images of {cfg.name!r} differ in size: set config.dataset.image_size "
                         "to resize them to one size on the host")
-    return Split(split, examples, tuple(int(s) for s in shape), read_workers(cfg))
+    shape = tuple(int(s) for s in shape)
+    try:
+        records = builder.as_data_source(split=split)
+    except NotImplementedError:  # prepared as TFRecord: no random access without TensorFlow
+        records = _tfrecord_examples(builder, split, cfg, shape)
+    except (ValueError, KeyError, AssertionError) as e:
+        raise UserError(f"bad split {split!r} for dataset {cfg.name!r}: {e}") from None
+    if not isinstance(records, Arrays):
+        records = Examples(records, cfg.image_key, cfg.label_key, image_size)
+    return Split(split, records, shape, read_workers(cfg))
 
 
 def _tfrecord_examples(builder: tfds.core.DatasetBuilder, split: str,
-                       cfg: ml_collections.ConfigDict) -> Arrays:
-    """A split prepared as TFRecord, decoded once into host memory through tf.data."""
+                       cfg: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> Arrays:
+    """A split prepared as TFRecord, decoded once into host memory through tf.data (up to a quarter
+    of the host's memory; larger ones must be converted)."""
     hint = CONVERT_HINT.format(name=cfg.name, data_dir=cfg.data_dir or "~/tensorflow_datasets")
     try:
         import tensorflow as tf
     except ImportError:
         raise UserError(
             f"dataset {cfg.name!r} is prepared as TFRecord, which needs TensorFlow to read: "
-            f"convert it once to ArrayRecord ({hint}, on a machine with tensorflow-cpu) and point "
+            f"convert it once to ArrayRecord ({hint}; needs no TensorFlow) and point "
             "config.dataset.data_dir at NEW_DIR, or pip install tensorflow-cpu") from None
     tf.config.set_visible_devices([], "GPU")  # tf.data only: keep TensorFlow off the accelerators
     try:
         num = builder.info.splits[split].num_examples
     except (ValueError, KeyError, AssertionError) as e:
         raise UserError(f"bad split {split!r} for dataset {cfg.name!r}: {e}") from None
-    limit = resident_limit_bytes(cfg, None)
-    shape = builder.info.features[cfg.image_key].shape
-    if None not in shape and num * math.prod(shape) > limit:
+    if num * math.prod(image_shape) > host_memory_bytes() // 4:
         raise UserError(f"dataset {cfg.name!r} is prepared as TFRecord and too large to decode "
                         f"into memory: convert it to ArrayRecord ({hint})")
     ds = builder.as_dataset(split=split, shuffle_files=False)
@@ -253,9 +251,13 @@ def read_batches(split: Split, batches: Sequence[np.ndarray]) -> Iterator[tuple[
 
 
 def _exit_with_parent(worker_index: int, worker_count: int) -> None:
-    """In a grain worker: have Linux kill it when the process that started it dies, so a run killed
-    with SIGKILL leaves no decoding processes behind."""
+    """In a grain worker: leave SIGINT and SIGTERM to the run (a Ctrl-C or a scheduler's SIGTERM
+    reaches the whole process group; the run saves a checkpoint and closes its workers), and have
+    Linux kill the worker when the process that started it dies, so a run killed with SIGKILL leaves
+    no decoding processes behind."""
     del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() == 1:  # the parent died before the call
@@ -284,10 +286,13 @@ def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     return np.random.default_rng((seed, epoch)).permutation(num_examples).astype(np.int32)
 
 
-def local_rows(global_batch: int) -> slice:
-    """The rows of a global batch that this process reads (its devices' share)."""
-    local = global_batch // jax.process_count()
-    return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+def local_rows(global_batch: int, mesh: Mesh) -> np.ndarray:
+    """The rows of a global batch that this process's devices hold, in the order
+    `jax.make_array_from_process_local_data` expects its local data."""
+    sharding = NamedSharding(mesh, BATCH_AXIS)
+    shards = sharding.addressable_devices_indices_map((global_batch,)).values()
+    starts = sorted({(s[0].start or 0, s[0].stop or global_batch) for s in shards})
+    return np.concatenate([np.arange(start, stop) for start, stop in starts])
 
 
 def local_batch_size(global_batch: int, mesh: Mesh) -> int:
@@ -300,20 +305,29 @@ def local_batch_size(global_batch: int, mesh: Mesh) -> int:
     return global_batch // jax.process_count()
 
 
-def resident_limit_bytes(cfg: ml_collections.ConfigDict, device: jax.Device | None) -> int:
+def host_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def resident_limit_bytes(cfg: ml_collections.ConfigDict, device: jax.Device) -> int:
     """config.dataset.resident_limit_mib in bytes; None: a quarter of the device's memory (of the
     host's on CPU or when the device does not say)."""
     mib = cfg.get("resident_limit_mib")
     if mib is not None:
         return int(mib) * 2**20
-    stats = (device.memory_stats() or {}) if device is not None else {}
-    memory = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(memory) // 4
+    return int((device.memory_stats() or {}).get("bytes_limit") or host_memory_bytes()) // 4
 
 
 def is_resident(split: Split, cfg: ml_collections.ConfigDict, mesh: Mesh) -> bool:
     """Whether `split` is kept on every device: it fits within the resident limit."""
     return split.nbytes <= resident_limit_bytes(cfg, mesh.local_devices[0])
+
+
+def fits_in_host_memory(split: Split) -> bool:
+    """Whether `split` decoded takes at most a tenth of the host's memory (evaluation splits are
+    then decoded once and kept, rather than decoded again at every evaluation)."""
+    return split.nbytes <= host_memory_bytes() // 10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +401,7 @@ class StreamedFeed:
     def local_indices(self, epoch: int, start: int) -> list[np.ndarray]:
         """This process's rows of every global batch of `epoch` from batch `start` on."""
         order = epoch_order(self.seed, epoch, self.split.num_examples)
-        rows = local_rows(self.global_batch)
+        rows = local_rows(self.global_batch, self.mesh)
         return [order[b * self.global_batch:(b + 1) * self.global_batch][rows]
                 for b in range(start, self.steps_per_epoch)]
 

@@ -35,7 +35,7 @@ def benchmark_settings() -> ml_collections.ConfigDict:
         "matmul_sizes": (2048, 4096),  # CPU peak: square matmul sizes tried, the best one counts
         "matmul_repeats": 5,
         "pipeline": True,  # time the input pipeline and real-vs-synthetic training (needs the data)
-        "pipeline_batches": 100,  # batches timed from the cache (second epoch)
+        "pipeline_batches": 100,  # batches of the streamed pipeline timed alone
         "compare_steps": 5,  # train steps per round, real pipeline and synthetic each
         "rounds": 4,  # alternating rounds of each; medians are compared
         "profile_steps": 0,  # > 0 (needs --workdir): trace that many train steps, print the top ops

@@ -248,15 +248,15 @@ def train_steps(state: TrainState, sums: Metrics, feed: dict, key: jax.Array, st
                         unroll=unroll_steps(config.get("unroll_steps", "auto")))[0]
 
 
-def unroll_steps(setting: str | bool) -> bool:
-    """config.unroll_steps: "auto" unrolls the steps of a call on CPU (XLA:CPU ran a looped train step
-    at half the speed of one step per call; unrolled, 1.28x faster: PatchConvNet, 8 steps) and
-    loops elsewhere (unrolling multiplies the compile time by the steps per call)."""
+def unroll_steps(setting: str) -> bool:
+    """config.unroll_steps: "unroll", "loop", or "auto": unroll on CPU (XLA:CPU ran a looped train
+    step at half the speed of one step per call; unrolled, 1.28x faster: PatchConvNet, 8 steps) and
+    loop elsewhere (unrolling multiplies the compile time by the steps per call)."""
     if setting == "auto":
         return jax.default_backend() == "cpu"
-    if not isinstance(setting, bool):
-        raise UserError(f"config.unroll_steps is {setting!r}: use 'auto', True or False")
-    return setting
+    if setting not in ("unroll", "loop"):
+        raise UserError(f"config.unroll_steps is {setting!r}: use 'auto', 'unroll' or 'loop'")
+    return setting == "unroll"
 
 
 def jit_train_steps(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int,
@@ -371,15 +371,20 @@ class Run:
                         self.mesh, self.stats)
 
 
-def load_splits(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, data.Split]:
-    """The train, val and test splits; those that fit the resident limit decoded into host memory
-    once (the training split is put on the devices later, by `Run.start_feed`)."""
+def load_splits(config: ml_collections.ConfigDict) -> dict[str, data.Split]:
+    """The train, val and test splits; the evaluation splits decoded into host memory once where
+    they fit (`data.fits_in_host_memory`), one copy when val and test are the same split (the
+    training split is put on the devices by `Run.start_feed`)."""
+    by_name: dict[str, data.Split] = {}
     splits = {}
     for name in ("train", "val", "test"):
-        split = data.load_split(config.dataset, getattr(config.dataset, f"{name}_split"))
-        if name != "train" and data.is_resident(split, config.dataset, mesh):
-            split = split.in_memory()
-        splits[name] = split
+        split_name = getattr(config.dataset, f"{name}_split")
+        if name == "train" or split_name not in by_name:
+            split = data.load_split(config.dataset, split_name)
+            if name != "train" and data.fits_in_host_memory(split):
+                split = split.in_memory()
+            by_name.setdefault(split_name, split)
+        splits[name] = split if name == "train" else by_name[split_name]
     return splits
 
 
@@ -387,7 +392,9 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path) -> R
     """Loads the splits and builds the model, optimizer, initial state and jitted eval step."""
     data.local_batch_size(config.batch_size, mesh)  # a clear error for a batch that does not divide
     local_eval_batch = data.local_batch_size(config.eval_batch_size, mesh)
-    splits = load_splits(config, mesh)
+    if config.steps_per_call < 1:
+        raise UserError(f"config.steps_per_call is {config.steps_per_call}: use 1 or more")
+    splits = load_splits(config)
     steps_per_epoch = splits["train"].num_examples // config.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"config.batch_size {config.batch_size} is larger than the training split "
@@ -406,6 +413,8 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path) -> R
     tx = create_optimizer(config.optimizer, schedule)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
     state = create_train_state(model, tx, init_key, image_shape, mesh)
+    # Committed to the mesh once, so no call re-shards them.
+    train_key, stats = jax.device_put((train_key, stats), NamedSharding(mesh, PartitionSpec()))
     return Run(config, mesh, splits, local_eval_batch, steps_per_epoch, total_steps, model,
                summary.total_params(model, image_shape), schedule, state,
                jit_eval_step(config, mesh), train_key, stats)

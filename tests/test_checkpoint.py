@@ -1,6 +1,7 @@
 """Checkpoints: exact resume after SIGTERM and SIGKILL, evaluation of saved runs, bad workdirs."""
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -39,7 +40,7 @@ def _launch(workdir, data_dir, extra=()) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "launch.py", "--config=experiments/patch_convnet.py:smoke",
          f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}", *flags],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def _wait_for_step(process, workdir, step, timeout=240):
@@ -92,10 +93,11 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, digits_
     def launch():
         return _launch(workdir, digits_data_dir, PATHS[path])
 
-    # SIGTERM: finish the step, save, say so, exit 0.
+    # SIGTERM to the whole process group, as a scheduler sends it (grain's workers included):
+    # finish the step, save, say so, exit 0.
     process = launch()
     _wait_for_step(process, workdir, rng.randint(3, 18))
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     assert "received SIGTERM: saved a checkpoint at step" in out

@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import ROOT, load_experiment
 from jax.sharding import NamedSharding, PartitionSpec
+from PIL import Image
 
 from attn_jax import convert_dataset, data, train
 from attn_jax.errors import UserError
@@ -112,8 +113,8 @@ def test_k_steps_in_one_call_equal_k_calls(tmp_path, tiny_config, resident_limit
 
 def test_unroll_steps_auto_unrolls_on_cpu_only():
     assert train.unroll_steps("auto") is (jax.default_backend() == "cpu")
-    assert train.unroll_steps(False) is False
-    with pytest.raises(UserError, match="config.unroll_steps is 'yes': use 'auto', True or False"):
+    assert train.unroll_steps("loop") is False and train.unroll_steps("unroll") is True
+    with pytest.raises(UserError, match="config.unroll_steps is 'yes': use 'auto', 'unroll' or 'loop'"):
         train.unroll_steps("yes")
 
 
@@ -168,8 +169,9 @@ def _launch(args, env, timeout=300):
 @pytest.mark.slow
 def test_training_runs_without_tensorflow(tmp_path, digits_data_dir, digits_tfrecord_dir,
                                           no_tensorflow_env):
-    """No module that training, evaluation or attend imports imports TensorFlow: a short run, its
-    evaluation and attention map in a process where TensorFlow is not installed."""
+    """No module that training, evaluation, attend or summary imports imports TensorFlow: a short
+    run with its attention maps, its evaluation, --mode=attend and --mode=summary, each in a process
+    where TensorFlow is not installed."""
     probe = subprocess.run([sys.executable, "-c", "import tensorflow"], env=no_tensorflow_env,
                            capture_output=True, text=True)
     assert probe.returncode != 0 and "No module named 'tensorflow'" in probe.stderr
@@ -186,6 +188,14 @@ def test_training_runs_without_tensorflow(tmp_path, digits_data_dir, digits_tfre
     evaluated = _launch([*common, "--mode=eval", "--checkpoint=latest"], no_tensorflow_env)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "test/top1" in evaluated.stdout
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(image)
+    attended = _launch([*common, "--mode=attend", f"--image={image}", "--checkpoint=latest"],
+                       no_tensorflow_env)
+    assert attended.returncode == 0, attended.stderr[-3000:]
+    assert (tmp_path / "run" / "attend" / "digit.png").exists()
+    summary = _launch([*common, "--mode=summary"], no_tensorflow_env)
+    assert summary.returncode == 0 and "total params:" in summary.stdout, summary.stderr[-3000:]
 
     # A dataset prepared as TFRecord: one line saying how to convert it, exit status 2.
     refused = _launch(["--config=experiments/patch_convnet.py:smoke", f"--workdir={tmp_path / 'tf'}",
