@@ -413,8 +413,10 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path) -> R
     tx = create_optimizer(config.optimizer, schedule)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
     state = create_train_state(model, tx, init_key, image_shape, mesh)
-    # Committed to the mesh once, so no call re-shards them.
-    train_key, stats = jax.device_put((train_key, stats), NamedSharding(mesh, PartitionSpec()))
+    # Replicated over the mesh once, so no call re-shards them (a jitted identity: device_put cannot
+    # place on other processes' devices).
+    train_key, stats = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, PartitionSpec()))(
+        (train_key, stats))
     return Run(config, mesh, splits, local_eval_batch, steps_per_epoch, total_steps, model,
                summary.total_params(model, image_shape), schedule, state,
                jit_eval_step(config, mesh), train_key, stats)
