@@ -1,5 +1,6 @@
 """A small PatchConvNet learns real CIFAR-10 images (../shared/tfds): a check no mock can give."""
 
+import pytest
 from conftest import tiny_patch_convnet_config
 
 from attn_jax import train
@@ -10,6 +11,7 @@ from attn_jax import train
 THRESHOLD = 0.18
 
 
+@pytest.mark.slow
 def test_small_patch_convnet_learns_cifar10(tmp_path, shared_cifar10):
     config = tiny_patch_convnet_config(**{
         "dataset.data_dir": str(shared_cifar10), "dataset.download": False,
