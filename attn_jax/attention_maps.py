@@ -270,6 +270,8 @@ def read_image(path: str | Path) -> np.ndarray:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
             img.load()
+            if img.mode.startswith("I") or img.mode == "F":  # 16- or 32-bit grey levels
+                return _deep_grey_to_rgb(img, path)
             if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
                 rgba = img.convert("RGBA")
                 img = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -281,6 +283,18 @@ def read_image(path: str | Path) -> np.ndarray:
         raise UserError(f"--image={path}: not an image file (PIL cannot identify it)") from None
     except OSError as e:  # truncated or corrupt image data
         raise UserError(f"--image={path}: cannot read the image ({e})") from None
+
+
+def _deep_grey_to_rgb(img: Image.Image, path: Path) -> np.ndarray:
+    """A 16-bit grey image (PNG, TIFF: PIL modes "I;16*", or "I" holding 0..65535) rescaled to
+    0..255, not clipped (PIL's convert("RGB") turns every level above 255 white); deeper or floating
+    point grey levels have no fixed range and are refused."""
+    levels = np.asarray(img)
+    if img.mode == "F" or (img.mode == "I" and (levels.min() < 0 or levels.max() > 65535)):
+        raise UserError(f"--image={path}: {img.mode!r} grey levels beyond 16 bits have no fixed "
+                        "range: save it as an 8- or 16-bit image")
+    grey = np.round(levels.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
 
 
 def to_model_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -162,3 +162,16 @@ def test_launch_attend_with_a_missing_image_is_one_line_and_exit_2(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: --image={tmp_path / 'nope.jpg'}: no such file"]
     assert "Traceback" not in result.stderr
+
+
+def test_sixteen_bit_grey_images_are_rescaled_not_clipped(tmp_path):
+    """A 16-bit PNG's grey levels (0..65535) become 0..255: PIL's convert("RGB") clips them to
+    white. 32-bit float levels have no fixed range and are refused."""
+    levels = np.array([[0, 257, 32768, 65535]], np.uint16)
+    Image.fromarray(levels).save(tmp_path / "grey16.png")
+    rgb = attention_maps.read_image(tmp_path / "grey16.png")
+    assert rgb.dtype == np.uint8 and rgb.shape == (1, 4, 3)
+    np.testing.assert_array_equal(rgb[..., 0], [[0, 1, 128, 255]])
+    Image.fromarray(np.full((2, 2), 0.5, np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(UserError, match="grey levels beyond 16 bits have no fixed range"):
+        attention_maps.read_image(tmp_path / "float.tiff")
