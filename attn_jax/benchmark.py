@@ -60,7 +60,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from attn_jax import data, summary, train
+from attn_jax import atomic, data, summary, train
 from attn_jax.errors import UserError
 from attn_jax.experiment import benchmark_settings
 from attn_jax.models import chunking
@@ -574,6 +574,6 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str | None = None, mes
     if workdir is not None and jax.process_index() == 0:
         path = Path(workdir) / "benchmark.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        atomic.write_text(path, json.dumps(report, indent=2) + "\n")
         say(f"wrote {path}")
     return report

@@ -13,6 +13,9 @@ import numpy as np
 from absl import logging
 from tensorboardX import SummaryWriter
 
+from attn_jax import atomic
+from attn_jax.errors import UserError
+
 
 def format_duration(seconds: float) -> str:
     """12345 -> '3h25m45s'."""
@@ -24,10 +27,22 @@ def format_duration(seconds: float) -> str:
 
 
 def _lines_up_to(path: Path, step: int) -> list[dict]:
-    """The records of `path` with record["step"] <= step, test results excluded."""
+    """The records of `path` with record["step"] <= step, test results excluded. A torn last line (a
+    crash in the middle of writing it) is dropped with a warning; any other unreadable line is an
+    error naming it."""
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise UserError(f"{path} line {number} is not JSON: repair or remove that line, "
+                                "or use another --workdir") from None
+            print(f"warning: dropped the torn last line of {path} (a crash while writing it)",
+                  flush=True)
     return [r for r in records
             if r["step"] <= step and not any(k.startswith("test/") for k in r)]
 
@@ -49,7 +64,7 @@ class MetricsLog:
             kept = _lines_up_to(path, resume_step) if resume_step is not None else []
             for record in kept:
                 self._latest.update({k: v for k, v in record.items() if "/" in k})
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
             self._jsonl = open(path, "a")  # noqa: SIM115
         # TensorBoard events by tensorboardX: clu's writers import TensorFlow.
         self._tensorboard = SummaryWriter(str(self.workdir / "tensorboard")) if self.is_writer else None
@@ -97,7 +112,7 @@ class MetricsLog:
         if self.is_writer:
             clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                      for k, v in obj.items()}
-            (self.workdir / name).write_text(json.dumps(clean, indent=2, default=str) + "\n")
+            atomic.write_text(self.workdir / name, json.dumps(clean, indent=2, default=str) + "\n")
 
     def close(self) -> None:
         if self.is_writer:

@@ -13,14 +13,13 @@ gets the same statistics, process 0 decides whether its cache holds them and is 
 """
 
 import json
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from attn_jax import data
+from attn_jax import atomic, data
 
 KERAS_EPSILON = 1e-7
 Stats = dict[str, np.ndarray]
@@ -93,6 +92,4 @@ def _write_cache(path: Path, key: str, stats: Stats) -> None:
     entries = _read_cache(path)
     entries[key] = {name: [float(v) for v in values] for name, values in stats.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(entries, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(entries, indent=1) + "\n")

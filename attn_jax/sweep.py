@@ -12,6 +12,7 @@ command lines for a cluster scheduler. `write_report` tabulates the finished poi
 """
 
 import csv
+import io
 import json
 import shlex
 import statistics
@@ -19,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from attn_jax import atomic
 from attn_jax.errors import UserError
 from attn_jax.experiment import load_module
 
@@ -90,10 +92,11 @@ def write_report(config_arg: str, workdir: Path) -> None:
             summary = json.loads(summary_path.read_text())
             rows.append({"name": point["name"], "group": _group(point),
                          **{c: summary.get(c) for c in COLUMNS}})
-    with open(workdir / "sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["name", "group", *COLUMNS])
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["name", "group", *COLUMNS])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic.write_text(workdir / "sweep.csv", table.getvalue())
 
     header = "| point | " + " | ".join(COLUMNS) + " |"
     lines = [f"# Sweep of {config_arg}", "", header, "|" + "---|" * (len(COLUMNS) + 1)]
@@ -109,5 +112,5 @@ def write_report(config_arg: str, workdir: Path) -> None:
         cells = [_fmt([r[c] for r in members], c.endswith(("top1", "top5")))
                  if all(r[c] is not None for r in members) else "-" for c in COLUMNS]
         lines.append(f"| {group} | {len(members)} | " + " | ".join(cells) + " |")
-    (workdir / "sweep.md").write_text("\n".join(lines) + "\n")
+    atomic.write_text(workdir / "sweep.md", "\n".join(lines) + "\n")
     print(f"sweep: {len(rows)} finished point(s) tabulated in {workdir / 'sweep.md'}", flush=True)

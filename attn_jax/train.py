@@ -27,7 +27,7 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from attn_jax import checkpoint, data, models, normalization, preprocess, summary, weight_decay
+from attn_jax import atomic, checkpoint, data, models, normalization, preprocess, summary, weight_decay
 from attn_jax.errors import UserError
 from attn_jax.metrics_log import MetricsLog, format_duration
 
@@ -608,6 +608,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     metrics = {"step": step, "checkpoint": which, **_prefixed(split, run.evaluate(split))}
     if jax.process_index() == 0:
         path = workdir / f"eval_{which}_{split}.json"
-        path.write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic.write_text(path, json.dumps(metrics, indent=2) + "\n")
     ckpt.close()
     return metrics
