@@ -97,7 +97,9 @@ def main(argv: list[str]) -> None:
         fail(f"unexpected arguments {argv[1:]}: every option is a --flag")
     config = _CONFIG.value
     try:
-        from attn_jax import distributed
+        from attn_jax import distributed, validate
+
+        validate.check(config)  # every value, before any work
 
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                _DISTRIBUTED.value)

@@ -477,8 +477,6 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str | None = None, mes
 
     # The steps, built and compiled as a training run builds them.
     data.local_batch_size(config.batch_size, mesh)  # the same errors as a run for a bad batch
-    if config.steps_per_call < 1:
-        raise UserError(f"config.steps_per_call is {config.steps_per_call}: use 1 or more")
     num_classes = config.dataset.num_classes
     model, state, train_key = initial_state(config, mesh)
     size = config.preprocess.size

@@ -27,7 +27,17 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from attn_jax import atomic, checkpoint, data, models, normalization, preprocess, summary, weight_decay
+from attn_jax import (
+    atomic,
+    checkpoint,
+    data,
+    models,
+    normalization,
+    preprocess,
+    summary,
+    validate,
+    weight_decay,
+)
 from attn_jax.errors import UserError
 from attn_jax.metrics_log import MetricsLog, format_duration
 
@@ -390,10 +400,9 @@ def load_splits(config: ml_collections.ConfigDict) -> dict[str, data.Split]:
 
 def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path) -> Run:
     """Loads the splits and builds the model, optimizer, initial state and jitted eval step."""
+    validate.check(config)
     data.local_batch_size(config.batch_size, mesh)  # a clear error for a batch that does not divide
     local_eval_batch = data.local_batch_size(config.eval_batch_size, mesh)
-    if config.steps_per_call < 1:
-        raise UserError(f"config.steps_per_call is {config.steps_per_call}: use 1 or more")
     splits = load_splits(config)
     steps_per_epoch = splits["train"].num_examples // config.batch_size
     if steps_per_epoch == 0:
