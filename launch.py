@@ -53,9 +53,21 @@ def parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:
         fail(str(e).strip().splitlines()[0])
+    except OSError as e:  # the config file, when config_flags loads it while parsing
+        fail(_describe_config_file_error(e))
+    except SyntaxError as e:
+        fail(f"--config: the experiment file {e.filename} has a syntax error at line {e.lineno}: "
+             f"{e.msg}")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         fail(_describe_override_error(argv, e))
     return []  # unreachable
+
+
+def _describe_config_file_error(error: OSError) -> str:
+    missing = re.search(r"Attempted.*?:\s*(\S+)\s*\[Errno 2\]", str(error), re.S)
+    if missing:
+        return f"--config: no such experiment file {missing.group(1)!r}"
+    return f"--config: cannot load the experiment file ({str(error).splitlines()[0]})"
 
 
 def _describe_override_error(argv: list[str], error: Exception) -> str:
@@ -71,8 +83,18 @@ def _describe_override_error(argv: list[str], error: Exception) -> str:
 
 
 def _require_workdir() -> str:
+    """--workdir, which must be (or become) a writable directory."""
+    import os
+    from pathlib import Path
+
     if not _WORKDIR.value:
         fail(f"--workdir is required for --mode={_MODE.value}")
+    workdir = Path(_WORKDIR.value)
+    if workdir.exists() and not workdir.is_dir():
+        fail(f"--workdir={workdir} is a file, not a directory: choose another --workdir")
+    existing = next(p for p in (workdir, *workdir.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--workdir={workdir}: {existing} is not writable: choose another --workdir")
     return _WORKDIR.value
 
 
@@ -95,7 +117,16 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # the console gets attn_jax's own lines
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}: every option is a --flag")
-    config = _CONFIG.value
+    try:
+        config = _CONFIG.value
+        config.get("seed")  # config_flags reports a file it could not load at the first access
+    except OSError as e:
+        fail(_describe_config_file_error(e))
+    if _DRY_RUN.value and not _SWEEP.value:
+        fail("--dry_run only applies to --sweep (it prints the sweep's commands): add --sweep or "
+             "drop --dry_run")
+    if _MODE.value in ("train", "eval", "attend") or _SWEEP.value:
+        _require_workdir()  # before any work
     try:
         from attn_jax import distributed, validate
 

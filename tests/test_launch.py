@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
@@ -26,3 +27,27 @@ def test_misspelled_config_key_is_one_line_and_exit_2():
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --config.model.dimm: no such config key (did you mean 'dim'?)")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--config=experiments/nope.py", "--workdir=WORKDIR"],
+     "error: --config: no such experiment file 'experiments/nope.py'"),
+    (["--config=BROKEN", "--workdir=WORKDIR"],
+     "error: --config: the experiment file BROKEN has a syntax error at line 1: invalid syntax"),
+    (["--config=experiments/patch_convnet.py", "--workdir=FILE"],
+     "error: --workdir=FILE is a file, not a directory: choose another --workdir"),
+    (["--config=experiments/patch_convnet.py", "--workdir=WORKDIR", "--dry_run"],
+     "error: --dry_run only applies to --sweep (it prints the sweep's commands): add --sweep or "
+     "drop --dry_run"),
+])
+def test_bad_command_lines_are_one_line_before_any_work(tmp_path, args, line):
+    paths = {"WORKDIR": str(tmp_path / "run"), "FILE": str(tmp_path / "a_file"),
+             "BROKEN": str(tmp_path / "broken.py")}
+    (tmp_path / "a_file").write_text("results\n")
+    (tmp_path / "broken.py").write_text("def get_config(:\n")
+    for name, path in paths.items():
+        args, line = [a.replace(name, path) for a in args], line.replace(name, path)
+    result = _launch(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [line]
+    assert not (tmp_path / "run").exists() and (tmp_path / "a_file").read_text() == "results\n"
