@@ -503,6 +503,30 @@ class Throughput:
         return steps * self.batch_size / self.median() if self.rates else 0.0
 
 
+def _finished_run(workdir: Path) -> dict | None:
+    """A finished run's summary (its `summary.json`), after saying so; None for an unfinished one.
+    Relaunching a finished run changes nothing in its workdir."""
+    path = workdir / "summary.json"
+    if not path.exists():
+        return None
+    if jax.process_index() == 0:
+        print(f"the run in {workdir} is finished ({path}): nothing to do. Evaluate it with "
+              "--mode=eval, or train another run (a longer one, another config) in another "
+              "--workdir", flush=True)
+    return json.loads(path.read_text())
+
+
+def _refuse_to_start_over(workdir: Path) -> None:
+    """A workdir holding a run's logs but no checkpoint to resume from is not started afresh over
+    them."""
+    logs = [name for name in ("metrics.jsonl", "attention", "curves.png")
+            if (workdir / name).exists() and (workdir / name).stat().st_size]
+    if logs:
+        raise UserError(f"{workdir} holds a run's outputs ({', '.join(logs)}) but no checkpoint to "
+                        "resume from: use another --workdir, or move those files away to start "
+                        "afresh")
+
+
 def _stopped(log: MetricsLog, ckpt: checkpoint.Checkpointer, signal_name: str, step: int) -> None:
     ckpt.wait()
     log.info(f"received {signal_name}: saved a checkpoint at step {step}; relaunch the same "
@@ -529,7 +553,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
     description = checkpoint.run_description(config)
     sums = zero_sums(mesh)
     restored = ckpt.restore_latest(run.state, sums, description)
-    if restored is not None:
+    if (finished := _finished_run(workdir)) is not None:
+        ckpt.close()
+        return finished
+    if restored is None:
+        _refuse_to_start_over(workdir)
+    else:
         run.state, sums = restored
     step = int(run.state.step)
     run.start_feed()

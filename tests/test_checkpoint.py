@@ -178,6 +178,7 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, digits_
                                                                finished_run, capsys):
     workdir = tmp_path / "corrupted"
     shutil.copytree(finished_run[0], workdir)
+    (workdir / "summary.json").unlink()  # a crash before the end: the run is not finished
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     for path in (workdir / "checkpoints" / str(steps[-1]) / "state").rglob("*"):
         if path.is_file():
@@ -198,4 +199,25 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, digits_
             if path.is_file():
                 path.write_bytes(b"garbage")
     with pytest.raises(UserError, match="no readable checkpoint"):
+        train.train_and_evaluate(_config(digits_data_dir), str(workdir))
+
+
+def test_a_finished_run_relaunched_changes_nothing(tmp_path, digits_data_dir, finished_run, capsys):
+    """Relaunched (even with another batch size, or with its checkpoints gone), a finished run says
+    so and writes nothing; a workdir with logs but no checkpoint is not started afresh."""
+    workdir = tmp_path / "finished"
+    shutil.copytree(finished_run[0], workdir)
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    config = _config(digits_data_dir)
+    config.batch_size = 32
+    assert train.train_and_evaluate(config, str(workdir)) == json.loads(
+        (workdir / "summary.json").read_text())
+    assert f"the run in {workdir} is finished" in capsys.readouterr().out
+    shutil.rmtree(workdir / "checkpoints")
+    train.train_and_evaluate(_config(digits_data_dir), str(workdir))
+    after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert after == {p: b for p, b in before.items() if "checkpoints" not in p.parts}
+
+    (workdir / "summary.json").unlink()  # logs, no summary, no checkpoint
+    with pytest.raises(UserError, match=r"holds a run's outputs \(metrics.jsonl.*no checkpoint"):
         train.train_and_evaluate(_config(digits_data_dir), str(workdir))
