@@ -37,6 +37,7 @@ from attn_jax import (
     summary,
     validate,
     weight_decay,
+    workdir_lock,
 )
 from attn_jax.errors import UserError
 from attn_jax.metrics_log import MetricsLog, format_duration
@@ -542,12 +543,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
     Resumes from the latest checkpoint in `workdir/checkpoints` if there is one: same step, PRNG
     stream and position in the epoch's shuffle, so the run ends exactly as an uninterrupted one.
     Returns the final metrics (also written to `workdir/summary.json`), or None when stopped early
-    by SIGTERM/SIGINT (after saving a checkpoint).
+    by SIGTERM/SIGINT (after saving a checkpoint). One run at a time holds the workdir
+    (`workdir_lock`).
     """
+    workdir = Path(workdir)
+    with workdir_lock.hold(workdir):
+        return _train_and_evaluate(config, workdir, create_mesh() if mesh is None else mesh)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh) -> dict | None:
     from attn_jax import attention_maps  # matplotlib: imported by training only
 
-    workdir = Path(workdir)
-    mesh = create_mesh() if mesh is None else mesh
     run = build_run(config, mesh, workdir)
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
     description = checkpoint.run_description(config)

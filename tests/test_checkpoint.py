@@ -97,6 +97,10 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, digits_
     # finish the step, save, say so, exit 0.
     process = launch()
     _wait_for_step(process, workdir, rng.randint(3, 18))
+    if path == "resident":  # a second run in the same workdir meanwhile: refused, nothing mixed
+        second = launch()
+        _, second_err = second.communicate(timeout=120)
+        assert second.returncode == 2 and f"{workdir} is in use by process {process.pid}" in second_err
     os.killpg(process.pid, signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err

@@ -1,0 +1,111 @@
+"""One live run per workdir: `DIR/run.lock` names the process that trains there.
+
+The lock is a file created exclusively (O_CREAT | O_EXCL), holding the host, process id and a
+heartbeat that a background thread renews every `HEARTBEAT_S` seconds. A second run in the same
+workdir is refused while the lock is live. A stale lock is taken over, with a line saying so: its
+process is gone (same host), or its heartbeat is older than `STALE_AFTER_S` (another host: workdirs
+live on network filesystems shared by several machines). In a multi-process job only process 0
+holds the lock, for the whole job.
+"""
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+
+from attn_jax import atomic
+from attn_jax.errors import UserError
+
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 300.0
+LOCK_NAME = "run.lock"
+
+
+def _owner() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _stale_reason(holder: dict) -> str | None:
+    """Why the lock of `holder` may be taken over, or None while it is live."""
+    age = time.time() - float(holder.get("heartbeat", 0))
+    if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
+        return f"its process {holder.get('pid')} on this host is gone"
+    if age > STALE_AFTER_S:
+        return f"its heartbeat is {age:.0f} s old"
+    return None
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # being written, or torn: judged by the file's age below
+
+
+def acquire(workdir: Path) -> Path:
+    """Creates `workdir/run.lock` for this process, taking over a stale one; returns its path."""
+    path = workdir / LOCK_NAME
+    for _ in range(3):  # a takeover races with at most a few others
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read(path) or {"heartbeat": path.stat().st_mtime}
+            reason = _stale_reason(holder)
+            if reason is None:
+                age = time.time() - float(holder.get("heartbeat", 0))
+                raise UserError(
+                    f"{workdir} is in use by process {holder.get('pid', '?')} on "
+                    f"{holder.get('host', '?')} (heartbeat {age:.0f} s ago): wait for that run "
+                    f"to end, or use another --workdir") from None
+            print(f"warning: taking over the stale lock {path} of process {holder.get('pid', '?')} "
+                  f"on {holder.get('host', '?')} ({reason})", flush=True)
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(_owner(), f)
+        return path
+    raise UserError(f"could not take the lock {path}: other runs keep taking it; use another --workdir")
+
+
+@contextlib.contextmanager
+def hold(workdir: Path) -> Iterator[None]:
+    """Holds the workdir's lock (process 0 of a job) for the block, renewing its heartbeat."""
+    if jax.process_index() != 0:
+        yield
+        return
+    created = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = acquire(workdir)
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(OSError):  # a full disk must not kill the run here
+                atomic.write_text(path, json.dumps(_owner()))
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        path.unlink(missing_ok=True)
+        if created and not any(workdir.iterdir()):
+            workdir.rmdir()  # nothing was written: leave no empty workdir behind
