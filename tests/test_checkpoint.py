@@ -225,3 +225,27 @@ def test_a_finished_run_relaunched_changes_nothing(tmp_path, digits_data_dir, fi
     (workdir / "summary.json").unlink()  # logs, no summary, no checkpoint
     with pytest.raises(UserError, match=r"holds a run's outputs \(metrics.jsonl.*no checkpoint"):
         train.train_and_evaluate(_config(digits_data_dir), str(workdir))
+
+
+def test_a_relaunch_with_another_config_is_refused_and_the_run_recorded(tmp_path, digits_data_dir,
+                                                                         finished_run):
+    """DIR/run.json records the config, commit, versions and devices; resuming with a config that
+    computes something else is refused naming the fields, while logging cadence may change."""
+    workdir = tmp_path / "resumable"
+    shutil.copytree(finished_run[0], workdir)
+    (workdir / "summary.json").unlink()  # interrupted before the end
+    record = json.loads((workdir / "run.json").read_text())
+    assert record["config"]["model.dim"] == 16 and record["config"]["batch_size"] == 16
+    launch = record["launches"][0]
+    assert launch["versions"]["jax"] and "cpu" in launch["devices"]
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    config = _config(digits_data_dir)
+    config.batch_size, config.optimizer.learning_rate = 32, 5e-3
+    with pytest.raises(UserError, match=r"holds another run \(batch_size: 16 -> 32; "
+                                        r"optimizer.learning_rate: 0.001 -> 0.005\)"):
+        train.train_and_evaluate(config, str(workdir))
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+    config = _config(digits_data_dir)
+    config.log_every_steps = 7  # how the run is carried out may change
+    train.train_and_evaluate(config, str(workdir))
+    assert len(json.loads((workdir / "run.json").read_text())["launches"]) == 2

@@ -1,0 +1,90 @@
+"""What a workdir's run is: `DIR/run.json`, written by its first launch, checked by every relaunch.
+
+It records the config, the code's commit, the package versions and the devices of each launch, so a
+result can be reproduced. A relaunch may change how a run is carried out (logging and checkpoint
+cadence, data location and input workers, steps per call, the devices: `MAY_CHANGE`), not what it
+computes: any other difference is refused with one line naming the fields, before anything in the
+workdir is written.
+"""
+
+import json
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from attn_jax import atomic
+from attn_jax.errors import UserError
+from attn_jax.validate import leaves
+
+RECORD = "run.json"
+# Fields a relaunch may change: how the run is carried out, not what it computes.
+MAY_CHANGE = ("log_every_steps", "steps_per_call", "unroll_steps", "eval_batch_size",
+              "attention_every_epochs", "attention_images", "checkpoint.every_steps",
+              "checkpoint.keep", "dataset.data_dir", "dataset.download", "dataset.read_workers",
+              "dataset.prefetch", "dataset.resident_limit_mib", "benchmark.")
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "grain",
+            "numpy")
+
+
+def _commit() -> str | None:
+    """The attn_jax checkout's git commit (with "-dirty" for uncommitted changes), if it is one."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def _versions() -> dict[str, str | None]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def launch_entry() -> dict:
+    """This launch: when, the code, the packages and the devices."""
+    devices = jax.devices()
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": _commit(),
+            "versions": _versions(), "process_count": jax.process_count(),
+            "devices": f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})"}
+
+
+def differences(recorded: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """The fields, outside `MAY_CHANGE`, whose values differ between the record and `config`."""
+    old, new = recorded, {k: _jsonable(v) for k, v in leaves(config).items()}
+    keys = sorted(old.keys() | new.keys())
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
+            if not k.startswith(MAY_CHANGE) and old.get(k) != new.get(k)]
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check_and_record(workdir: Path, config: ml_collections.ConfigDict, resuming: bool) -> None:
+    """Writes `DIR/run.json` when a run starts; when it resumes, refuses another run's config, else
+    adds this launch to the record (process 0 writes). A start that saved no checkpoint (a crash in
+    start-up, say) may be relaunched with another config: that is a new run."""
+    path = workdir / RECORD
+    record = json.loads(path.read_text()) if resuming and path.exists() else None
+    if record is not None and (changed := differences(record["config"], config)):
+        raise UserError(f"{workdir} holds another run ({'; '.join(changed)}): relaunch it with its "
+                        f"own config (recorded in {path}), or use another --workdir")
+    if jax.process_index() != 0:
+        return
+    if record is None:
+        record = {"config": {k: _jsonable(v) for k, v in leaves(config).items()}, "launches": []}
+    record["launches"].append(launch_entry())
+    atomic.write_text(path, json.dumps(record, indent=1) + "\n")
