@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import ml_collections
+from jax.sharding import Mesh
 
 from attn_jax import atomic
 from attn_jax.errors import UserError
@@ -53,9 +54,9 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
-def launch_entry() -> dict:
-    """This launch: when, the code, the packages and the devices."""
-    devices = jax.devices()
+def launch_entry(mesh: Mesh) -> dict:
+    """This launch: when, the code, the packages and the devices of its mesh."""
+    devices = list(mesh.devices.flat)
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": _commit(),
             "versions": _versions(), "process_count": jax.process_count(),
             "devices": f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})"}
@@ -73,7 +74,8 @@ def _jsonable(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def check_and_record(workdir: Path, config: ml_collections.ConfigDict, resuming: bool) -> None:
+def check_and_record(workdir: Path, config: ml_collections.ConfigDict, mesh: Mesh,
+                     resuming: bool) -> None:
     """Writes `DIR/run.json` when a run starts; when it resumes, refuses another run's config, else
     adds this launch to the record (process 0 writes). A start that saved no checkpoint (a crash in
     start-up, say) may be relaunched with another config: that is a new run."""
@@ -86,5 +88,5 @@ def check_and_record(workdir: Path, config: ml_collections.ConfigDict, resuming:
         return
     if record is None:
         record = {"config": {k: _jsonable(v) for k, v in leaves(config).items()}, "launches": []}
-    record["launches"].append(launch_entry())
+    record["launches"].append(launch_entry(mesh))
     atomic.write_text(path, json.dumps(record, indent=1) + "\n")

@@ -567,7 +567,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: 
         _refuse_to_start_over(workdir)
     else:
         run.state, sums = restored
-    run_record.check_and_record(workdir, config, resuming=restored is not None)
+    run_record.check_and_record(workdir, config, mesh, resuming=restored is not None)
     step = int(run.state.step)
     run.start_feed()
     compile_seconds = run.compile()

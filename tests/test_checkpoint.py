@@ -249,3 +249,39 @@ def test_a_relaunch_with_another_config_is_refused_and_the_run_recorded(tmp_path
     config.log_every_steps = 7  # how the run is carried out may change
     train.train_and_evaluate(config, str(workdir))
     assert len(json.loads((workdir / "run.json").read_text())["launches"]) == 2
+
+
+@pytest.mark.slow
+def test_a_run_preempted_on_one_device_resumes_on_eight(tmp_path, digits_data_dir, finished_run,
+                                                        monkeypatch):
+    """A TPU slice of another size after a preemption: stopped by SIGTERM at step 25 on 1 device,
+    resumed on 8, the run ends like the uninterrupted 8-device one up to float rounding (1 and 8
+    devices reduce in another order) with every log line once."""
+    import jax
+
+    from attn_jax import metrics_log
+
+    reference, _ = finished_run
+    workdir = tmp_path / "preempted"
+    write = metrics_log.MetricsLog.write
+
+    def write_then_preempt(self, step, epoch, scalars):
+        write(self, step, epoch, scalars)
+        if step == 25 and "train/loss" in scalars:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(metrics_log.MetricsLog, "write", write_then_preempt)
+        assert train.train_and_evaluate(_config(digits_data_dir), str(workdir),
+                                        train.create_mesh(jax.devices()[:1])) is None
+    final = train.train_and_evaluate(_config(digits_data_dir), str(workdir))  # all 8 devices
+    launches = json.loads((workdir / "run.json").read_text())["launches"]
+    assert [entry["devices"].split(" x ")[0] for entry in launches] == ["1", "8"]
+    records, ref_records = _records(workdir), _records(reference)
+    assert [r["step"] for r in records] == [r["step"] for r in ref_records]
+    np.testing.assert_allclose([r.get("train/loss", 0) for r in records],
+                               [r.get("train/loss", 0) for r in ref_records], rtol=1e-4)
+    step, params = _final_params(workdir)
+    assert step == _final_params(reference)[0] == 60 and final["test/examples"] == 128
+    for a, b in zip(jax_leaves(params), jax_leaves(_final_params(reference)[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)  # near-zero weights: Adam
