@@ -114,7 +114,8 @@ def _sweep() -> None:
 
 
 def main(argv: list[str]) -> None:
-    logging.set_verbosity(logging.WARNING)  # the console gets attn_jax's own lines
+    logging.set_verbosity(logging.ERROR)  # the console gets attn_jax's own lines (tfds warns
+    # "OpenCV is not installed" on every launch); attn_jax prints its own warnings
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}: every option is a --flag")
     try:

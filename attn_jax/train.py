@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tqdm
 from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -501,6 +503,10 @@ class Throughput:
     def median(self) -> float:
         return float(np.median(self.rates)) if self.rates else 0.0
 
+    def last(self) -> float:
+        """The last log interval's images/s (0 before the first)."""
+        return self.rates[-1] if self.rates else 0.0
+
     def seconds_for(self, steps: int) -> float:
         return steps * self.batch_size / self.median() if self.rates else 0.0
 
@@ -527,6 +533,31 @@ def _refuse_to_start_over(workdir: Path) -> None:
         raise UserError(f"{workdir} holds a run's outputs ({', '.join(logs)}) but no checkpoint to "
                         "resume from: use another --workdir, or move those files away to start "
                         "afresh")
+
+
+class Progress:
+    """Where the run is within its steps: on a terminal a tqdm line refreshed in place (step,
+    steps/s, and at each log interval its loss, images/s and ETA: no extra host sync); otherwise one
+    plain line per log interval. Process 0 only."""
+
+    def __init__(self, total_steps: int, step: int, enabled: bool):
+        self.total, self.enabled, self.tty = total_steps, enabled, sys.stdout.isatty()
+        self.bar = tqdm.tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
+                             leave=False, file=sys.stdout, disable=not (enabled and self.tty))
+
+    def advance(self, steps: int) -> None:
+        self.bar.update(steps)
+
+    def logged(self, step: int, loss: float, images_per_s: float, eta_s: float) -> None:
+        line = (f"loss {loss:.4f} | {images_per_s:.0f} img/s | ETA {format_duration(eta_s)}"
+                if images_per_s else f"loss {loss:.4f}")
+        if self.tty:
+            self.bar.set_postfix_str(line, refresh=False)
+        elif self.enabled:
+            print(f"step {step}/{self.total}: train {line}", flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _stopped(log: MetricsLog, ckpt: checkpoint.Checkpointer, signal_name: str, step: int) -> None:
@@ -584,6 +615,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: 
     every = config.checkpoint.every_steps or run.steps_per_epoch
     stop = StopSignals()
     speed = Throughput(config.batch_size)
+    progress = Progress(run.total_steps, step, enabled=log.is_writer)
     run_start = time.perf_counter()
     try:
         for epoch in range(step // run.steps_per_epoch, config.num_epochs):
@@ -595,6 +627,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: 
                 run.state, sums = run.train_call(n)(run.state, sums, feed, run.train_key, run.stats)
                 step += n
                 speed.stepped(n, sums)
+                progress.advance(n)
                 if step % config.log_every_steps == 0 or step == epoch_end:
                     train_metrics = means(sums)  # the one host sync per log interval
                     _check_finite(train_metrics, step, epoch + 1)
@@ -602,6 +635,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: 
                                                 "learning_rate": float(run.schedule(step - 1))})
                     sums = zero_sums(mesh)
                     speed.restart()
+                    progress.logged(step, train_metrics["loss"], speed.last(),
+                                    speed.seconds_for(run.total_steps - step))
                 if step == epoch_end:
                     continue  # the last call of the epoch: validate and save below
                 if stop.received or step % every == 0:
@@ -622,6 +657,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: 
             if stop.received:
                 return _stopped(log, ckpt, stop.received, step)
     finally:
+        progress.close()
         stop.restore()
         ckpt.wait()
 

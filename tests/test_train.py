@@ -143,3 +143,23 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, tiny_config, ca
     path.write_text('{"step": 2, "epo\n{"step": 4, "epoch": 1}\n')
     with pytest.raises(UserError, match=r"metrics.jsonl line 1 is not JSON"):
         metrics_log.MetricsLog(tmp_path, tiny_config(), resume_step=4)
+
+
+def test_progress_is_a_line_per_log_interval_off_a_terminal_and_in_place_on_one(capsys,
+                                                                               monkeypatch):
+    progress = train.Progress(total_steps=100, step=10, enabled=True)
+    progress.advance(10)
+    progress.logged(20, 1.2345, 150.0, 3725)
+    progress.close()
+    assert capsys.readouterr().out == "step 20/100: train loss 1.2345 | 150 img/s | ETA 1h02m05s\n"
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    progress = train.Progress(total_steps=100, step=10, enabled=True)
+    progress.advance(10)
+    progress.logged(20, 1.2345, 150.0, 3725)
+    assert progress.bar.n == 20 and "loss 1.2345 | 150 img/s" in progress.bar.postfix
+    progress.close()
+    assert "step 20/100" not in capsys.readouterr().out  # refreshed in place, not printed
+    quiet = train.Progress(total_steps=100, step=0, enabled=False)  # processes other than 0
+    quiet.logged(5, 1.0, 0.0, 0.0)
+    quiet.close()
+    assert capsys.readouterr().out == ""
