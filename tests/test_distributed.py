@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, load_experiment
 
-from attn_jax import data, train
+from attn_jax import data, metrics_log, train
 
 SMALL = {"dataset.train_split": "train[:160]", "dataset.val_split": "train[1150:1187]",
          "dataset.test_split": "test[:20]", "batch_size": 16, "eval_batch_size": 16,
@@ -136,12 +137,21 @@ def test_sweep_runs_skips_resumes_and_reports(tmp_path, digits_data_dir):
     experiment = tmp_path / "exp.py"
     _write_sweep_experiment(experiment, digits_data_dir, 2)
     workdir = tmp_path / "sweep"
-    # Point 0 was interrupted after one of its two epochs (its checkpoint is there).
+    # Point 0 was preempted (SIGTERM) after one of its two epochs: its checkpoint is there.
     first = sweep.points(str(experiment))[0]
-    config = _config(digits_data_dir, {**SMALL, "model.dim": 8, "seed": 0})
+    config = _config(digits_data_dir, {**SMALL, "model.dim": 8, "seed": 0, "num_epochs": 2,
+                                       "log_every_steps": 5})
     config.optimizer.schedule = "constant"
-    train.train_and_evaluate(config, str(workdir / first["name"]))
-    (workdir / first["name"] / "summary.json").unlink()  # not finished: 1 of 2 epochs
+    write = metrics_log.MetricsLog.write
+
+    def write_then_preempt(self, step, epoch, scalars):
+        write(self, step, epoch, scalars)
+        if "val/loss" in scalars:  # the end of epoch 1
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(metrics_log.MetricsLog, "write", write_then_preempt)
+        assert train.train_and_evaluate(config, str(workdir / first["name"])) is None
 
     result = subprocess.run([sys.executable, "launch.py", f"--config={experiment}", "--sweep",
                              f"--workdir={workdir}", "--config.num_epochs=2"],
