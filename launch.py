@@ -7,13 +7,14 @@ r"""The one entry point of attn_jax.
     python launch.py --config=experiments/patch_convnet.py --mode=benchmark [--workdir=DIR]
 """
 
+import os
 import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from attn_jax.errors import UserError
+from attn_jax.errors import UserError, describe_environment_error, environment_error
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/x.py[:arg].",
                                           lock_config=True)
@@ -114,8 +115,10 @@ def _sweep() -> None:
 
 
 def main(argv: list[str]) -> None:
-    logging.set_verbosity(logging.ERROR)  # the console gets attn_jax's own lines (tfds warns
-    # "OpenCV is not installed" on every launch); attn_jax prints its own warnings
+    # The console gets attn_jax's own lines: it prints its warnings and errors itself, while tfds
+    # warns "OpenCV is not installed" at every launch and orbax logs each failed write with its
+    # traceback (a full disk printed ~450 lines).
+    logging.set_verbosity(logging.FATAL)
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}: every option is a --flag")
     try:
@@ -139,6 +142,11 @@ def main(argv: list[str]) -> None:
         distributed.shutdown()
     except UserError as e:
         fail(str(e))
+    except Exception as e:  # a full disk, a deleted or read-only folder: one line, not a traceback
+        if (cause := environment_error(e)) is None:
+            raise
+        print(f"error: {describe_environment_error(cause)}", file=sys.stderr, flush=True)
+        os._exit(1)  # skip the teardown of orbax's failed writer threads, which prints tracebacks
 
 
 def _run_mode(config) -> None:

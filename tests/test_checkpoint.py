@@ -285,3 +285,44 @@ def test_a_run_preempted_on_one_device_resumes_on_eight(tmp_path, digits_data_di
     assert step == _final_params(reference)[0] == 60 and final["test/examples"] == 128
     for a, b in zip(jax_leaves(params), jax_leaves(_final_params(reference)[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)  # near-zero weights: Adam
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_the_relaunch_resumes_exactly(
+        tmp_path, digits_data_dir, finished_run, monkeypatch):
+    """An OSError mid-run (here ENOSPC while writing metrics.jsonl at step 25) stops the run; the
+    checkpoint of step 20 is intact and the relaunch ends bitwise like the uninterrupted run. The
+    console gets one line naming the path and the cause."""
+    import errno
+
+    from attn_jax import metrics_log
+    from attn_jax.errors import describe_environment_error, environment_error
+
+    workdir = tmp_path / "full_disk"
+    write = metrics_log.MetricsLog.write
+
+    def write_until_full(self, step, epoch, scalars):
+        if step == 25:
+            raise OSError(errno.ENOSPC, "No space left on device", str(workdir / "metrics.jsonl"))
+        write(self, step, epoch, scalars)
+
+    with monkeypatch.context() as patch, pytest.raises(OSError) as raised:
+        patch.setattr(metrics_log.MetricsLog, "write", write_until_full)
+        train.train_and_evaluate(_config(digits_data_dir), str(workdir))
+    wrapped = RuntimeError("orbax: save failed")
+    wrapped.__cause__ = raised.value
+    assert describe_environment_error(environment_error(wrapped)) == (
+        f"{workdir / 'metrics.jsonl'}: No space left on device. The last checkpoint is kept: fix "
+        "this, then relaunch the same command to resume from it")
+    orbax = ValueError('RESOURCE_EXHAUSTED: Error writing "opt_state.0.count/0" in OCDBT database at '
+                       'local file "/run/checkpoints/34/": Failed writing')  # a real full disk's
+    assert (environment_error(orbax).errno, environment_error(orbax).filename) == (
+        errno.ENOSPC, "/run/checkpoints/34/")
+    assert environment_error(ValueError("a bug")) is None  # not a fault of the machine
+    assert not (workdir / "run.lock").exists()  # released: the relaunch is not refused
+    train.train_and_evaluate(_config(digits_data_dir), str(workdir))
+    step, params = _final_params(workdir)
+    ref_step, ref_params = _final_params(finished_run[0])
+    assert step == ref_step == 60
+    for a, b in zip(jax_leaves(params), jax_leaves(ref_params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert _records(workdir) == _records(finished_run[0])
