@@ -9,6 +9,7 @@ r"""The one entry point of attn_jax.
 
 import os
 import re
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -149,8 +150,20 @@ def main(argv: list[str]) -> None:
         os._exit(1)  # skip the teardown of orbax's failed writer threads, which prints tracebacks
 
 
+def _stop_on_signal(signum, frame) -> None:
+    """--mode=eval|attend|summary|benchmark: a SIGTERM or SIGINT stops the mode with one line; its
+    outputs are written whole at its end (atomic renames), so nothing half-written is left."""
+    del frame
+    print(f"received {signal.Signals(signum).name} during --mode={_MODE.value}: stopped before "
+          "its results were written; nothing else changed", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+
+
 def _run_mode(config) -> None:
     """Runs the --mode (or --sweep) the flags ask for."""
+    if _MODE.value != "train" and not _SWEEP.value:  # training handles signals itself
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _stop_on_signal)
     if _SWEEP.value:
         _sweep()
     elif _MODE.value == "summary":

@@ -579,11 +579,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
     (`workdir_lock`).
     """
     workdir = Path(workdir)
-    with workdir_lock.hold(workdir):
-        return _train_and_evaluate(config, workdir, create_mesh() if mesh is None else mesh)
+    stop = StopSignals()  # from the start: a signal during start-up or compilation is honoured too
+    try:
+        with workdir_lock.hold(workdir):
+            return _train_and_evaluate(config, workdir, create_mesh() if mesh is None else mesh,
+                                       stop)
+    finally:
+        stop.restore()
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh) -> dict | None:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh,
+                        stop: "StopSignals") -> dict | None:
     from attn_jax import attention_maps  # matplotlib: imported by training only
 
     run = build_run(config, mesh, workdir)
@@ -602,6 +608,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: 
     step = int(run.state.step)
     run.start_feed()
     compile_seconds = run.compile()
+    if stop.received:  # before the first step: nothing new to save, nothing written yet
+        kept = f"the checkpoint at step {step} is kept" if restored is not None else "nothing saved"
+        if jax.process_index() == 0:
+            print(f"received {stop.received} before the first step: {kept}; relaunch the same "
+                  "command to continue", flush=True)
+        ckpt.close()
+        return None
     log = MetricsLog(workdir, config, resume_step=step if restored is not None else None)
     if restored is not None:
         log.info(f"resumed from the checkpoint at step {step} in {ckpt.directory}")
@@ -613,7 +626,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: 
              f"{compile_seconds:.1f}s")
 
     every = config.checkpoint.every_steps or run.steps_per_epoch
-    stop = StopSignals()
     speed = Throughput(config.batch_size)
     progress = Progress(run.total_steps, step, enabled=log.is_writer)
     run_start = time.perf_counter()
@@ -658,8 +670,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: 
                 return _stopped(log, ckpt, stop.received, step)
     finally:
         progress.close()
-        stop.restore()
-        ckpt.wait()
+        ckpt.wait()  # the last epoch's checkpoint committed, even when a signal came meanwhile
 
     test = run.evaluate("test")
     log.write(step, config.num_epochs, _prefixed("test", test))
@@ -671,6 +682,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: 
     log.write_json("summary.json", final)
     if log.is_writer:
         attention_maps.plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+    if stop.received:  # during the last evaluation or the writing of the results
+        log.info(f"received {stop.received} while finishing: the run is finished and its results "
+                 "are written")
     log.close()
     ckpt.close()
     return final

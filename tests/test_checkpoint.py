@@ -326,3 +326,37 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_relaunch_resumes_exactly(
     for a, b in zip(jax_leaves(params), jax_leaves(ref_params), strict=True):
         np.testing.assert_array_equal(a, b)
     assert _records(workdir) == _records(finished_run[0])
+
+
+def test_signals_before_the_first_step_and_while_finishing(tmp_path, digits_data_dir, monkeypatch,
+                                                           capsys):
+    """SIGTERM during compilation: nothing written, a line saying so. SIGTERM while the results are
+    written: the run still finishes them (the last checkpoint committed), and says so."""
+    from attn_jax import attention_maps
+
+    workdir = tmp_path / "signals"
+    compile_ = train.Run.compile
+
+    def compile_then_signal(self):
+        seconds = compile_(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return seconds
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train.Run, "compile", compile_then_signal)
+        assert train.train_and_evaluate(_config(digits_data_dir), str(workdir)) is None
+    assert "received SIGTERM before the first step: nothing saved" in capsys.readouterr().out
+    assert not (workdir / "metrics.jsonl").exists() and not (workdir / "run.lock").exists()
+
+    plot = attention_maps.plot_curves
+
+    def plot_then_signal(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return plot(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(attention_maps, "plot_curves", plot_then_signal)
+        final = train.train_and_evaluate(_config(digits_data_dir), str(workdir))
+    assert final["test/examples"] == 128 and (workdir / "summary.json").exists()
+    assert "received SIGTERM while finishing: the run is finished" in capsys.readouterr().out
+    assert 60 in [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]

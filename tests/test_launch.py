@@ -51,3 +51,21 @@ def test_bad_command_lines_are_one_line_before_any_work(tmp_path, args, line):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [line]
     assert not (tmp_path / "run").exists() and (tmp_path / "a_file").read_text() == "results\n"
+
+
+@pytest.mark.slow
+def test_sigterm_during_benchmark_mode_is_one_line(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "launch.py", "--config=experiments/patch_convnet.py:smoke", "--mode=benchmark",
+         f"--workdir={tmp_path / 'bench'}", "--config.benchmark.repeats=1000"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # wait until it is timing
+        if line.startswith("train step compiled"):
+            break
+    process.send_signal(subprocess.signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + 15
+    assert err.strip().splitlines() == [
+        "received SIGTERM during --mode=benchmark: stopped before its results were written; nothing "
+        "else changed"]
+    assert not (tmp_path / "bench" / "benchmark.json").exists()
