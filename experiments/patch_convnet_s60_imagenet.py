@@ -12,7 +12,7 @@ Data. tfds `imagenet2012` (train 1,281,167 images, validation 50,000) must be do
 as tfds documents: register at https://image-net.org/download-images, put
 ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in `<data_dir>/downloads/manual/`, then
 
-    tfds build imagenet2012 --data_dir=DIR          # about 150 GB; --manual_dir=... elsewhere
+    tfds build imagenet2012 --file_format=array_record --data_dir=DIR   # ~150 GB; --manual_dir=...
 
 and train with
 
@@ -22,8 +22,9 @@ and train with
 (train = `train`, val and test = `validation`, which is where the paper reports its number).
 
 ImageNet's images differ in size, so config.dataset.image_size = 256 resizes each one to 256x256 on
-the host before batching (bilinear, antialiased); the random 224 crop and the flip run on the
-device. Untested on real ImageNet here (it cannot be downloaded offline); the mixed-size path is
+the host before batching (PIL bilinear, antialiased), in grain's worker processes: the training
+split is far beyond the resident limit, so it streams (a copy prepared as TFRecord: convert it with
+`python -m attn_jax.convert_dataset`). The random 224 crop and the flip run on the device. Untested on real ImageNet here (it cannot be downloaded offline); the mixed-size path is
 covered by a test on images of several sizes.
 
 Recipe: DeiT's (Touvron et al. 2020, its Table 9), as issue 8 specifies, with what attn_jax has:
