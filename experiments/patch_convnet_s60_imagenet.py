@@ -24,7 +24,8 @@ and train with
 ImageNet's images differ in size, so config.dataset.image_size = 256 resizes each one to 256x256 on
 the host before batching (PIL bilinear, antialiased), in grain's worker processes: the training
 split is far beyond the resident limit, so it streams (a copy prepared as TFRecord: convert it with
-`python -m attn_jax.convert_dataset`). The random 224 crop and the flip run on the device. Untested on real ImageNet here (it cannot be downloaded offline); the mixed-size path is
+`python -m attn_jax.convert_dataset`). The random 224 crop and the flip run on the device.
+Untested on real ImageNet here (it cannot be downloaded offline); the mixed-size path is
 covered by a test on images of several sizes.
 
 Recipe: DeiT's (Touvron et al. 2020, its Table 9), as issue 8 specifies, with what attn_jax has:
