@@ -42,6 +42,7 @@ Batch = dict[str, np.ndarray]
 CONVERT_HINT = "python -m attn_jax.convert_dataset --name={name} --data_dir={data_dir} --out_dir=NEW_DIR"
 _READ_CHUNK = 1024  # examples per read when a whole split is decoded
 BATCH_AXIS = PartitionSpec("data")  # a batch's examples are split over the mesh's `data` axis
+STACKED_BATCH_AXIS = PartitionSpec(None, "data")  # [steps, batch, ...]: the steps of one call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +414,7 @@ class StreamedFeed:
         batches = self.host_batches(epoch, start)
         stacked = ({k: np.stack([b[k] for b in group]) for k in group[0]}
                    for group in _groups(batches, sizes))
-        yield from prefetch_to_mesh(stacked, self.mesh, self.prefetch, PartitionSpec(None, "data"))
+        yield from prefetch_to_mesh(stacked, self.mesh, self.prefetch, STACKED_BATCH_AXIS)
 
 
 def _groups(items: Iterator, sizes: Sequence[int]) -> Iterator[list]:

@@ -278,7 +278,7 @@ def jit_train_steps(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     """`train_steps` jitted over `mesh`: the train state and the metric sums replicated and donated;
     a resident feed replicated, stacked host batches sharded on `data` along the batch axis."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    feed = replicated if resident else NamedSharding(mesh, PartitionSpec(None, "data"))
+    feed = replicated if resident else NamedSharding(mesh, data.STACKED_BATCH_AXIS)
     return jax.jit(functools.partial(train_steps, config=config, num_steps=num_steps,
                                      resident=resident, mesh=mesh),
                    in_shardings=(replicated, replicated, feed, replicated, replicated),
@@ -349,35 +349,35 @@ class Run:
         start = time.perf_counter()
         self.eval_fn = self.eval_fn.lower(self.state, self._batch_spec(self.config.eval_batch_size),
                                           self.stats).compile()
-        return time.perf_counter() - start + self._synchronised()
+        self._synchronised()
+        return time.perf_counter() - start
 
     def train_call(self, num_steps: int) -> Callable:
         """The compiled call of `num_steps` train steps (compiled at its first use, once per run)."""
         if num_steps not in self.train_calls:
             jitted = jit_train_steps(self.config, self.mesh, num_steps, self.feed.resident)
             feed = (next(self.feed.epoch(0, 0, [1])) if self.feed.resident else
-                    jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-                        (num_steps, *x.shape), x.dtype,
-                        sharding=NamedSharding(self.mesh, PartitionSpec(None, "data"))),
-                        self._batch_spec(self.config.batch_size)))
+                    self._batch_spec(self.config.batch_size, steps=num_steps))
             self.train_calls[num_steps] = jitted.lower(
                 self.state, zero_sums(self.mesh), feed, self.train_key, self.stats).compile()
             self._synchronised()
         return self.train_calls[num_steps]
 
-    def _batch_spec(self, size: int) -> dict:
-        sharded = NamedSharding(self.mesh, PartitionSpec("data"))
-        shape = self.splits["train"].image_shape
-        return {"images": jax.ShapeDtypeStruct((size, *shape), jnp.uint8, sharding=sharded),
-                "labels": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=sharded),
-                "mask": jax.ShapeDtypeStruct((size,), jnp.bool_, sharding=sharded)}
+    def _batch_spec(self, size: int, steps: int | None = None) -> dict:
+        """The abstract global batch of `size` examples; with `steps`, `steps` of them stacked."""
+        lead, spec = ((), data.BATCH_AXIS) if steps is None else ((steps,), data.STACKED_BATCH_AXIS)
+        sharding = NamedSharding(self.mesh, spec)
+        shape = (*lead, size)
+        return {"images": jax.ShapeDtypeStruct((*shape, *self.splits["train"].image_shape),
+                                               jnp.uint8, sharding=sharding),
+                "labels": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
+                "mask": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sharding)}
 
-    def _synchronised(self) -> float:
+    def _synchronised(self) -> None:
         """In a multi-process job, waits for every process to finish compiling, so none starts its
         first collective while another is still compiling (gloo would time out)."""
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("attn_jax: steps compiled")
-        return 0.0
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Mean loss, top-1 and top-5 of the current state on split "train", "val" or "test"."""

@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices, so every test exercises the multi-device path."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -116,3 +117,23 @@ def no_tensorflow_env(tmp_path) -> dict:
     (site / "sitecustomize.py").write_text(NO_TENSORFLOW)
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path}
+
+
+@contextlib.contextmanager
+def preempted_when(logged):
+    """Within the block, a run sends itself SIGTERM (as a scheduler preempting it) right after it
+    writes a metrics line for which `logged(step, scalars)` is true."""
+    import signal
+
+    from attn_jax import metrics_log
+
+    write = metrics_log.MetricsLog.write
+
+    def write_then_preempt(self, step, epoch, scalars):
+        write(self, step, epoch, scalars)
+        if logged(step, scalars):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(metrics_log.MetricsLog, "write", write_then_preempt)
+        yield

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import ROOT, load_experiment
+from conftest import ROOT, load_experiment, preempted_when
 
 from attn_jax import benchmark, checkpoint, train
 from attn_jax.errors import UserError
@@ -252,26 +252,15 @@ def test_a_relaunch_with_another_config_is_refused_and_the_run_recorded(tmp_path
 
 
 @pytest.mark.slow
-def test_a_run_preempted_on_one_device_resumes_on_eight(tmp_path, digits_data_dir, finished_run,
-                                                        monkeypatch):
+def test_a_run_preempted_on_one_device_resumes_on_eight(tmp_path, digits_data_dir, finished_run):
     """A TPU slice of another size after a preemption: stopped by SIGTERM at step 25 on 1 device,
     resumed on 8, the run ends like the uninterrupted 8-device one up to float rounding (1 and 8
     devices reduce in another order) with every log line once."""
     import jax
 
-    from attn_jax import metrics_log
-
     reference, _ = finished_run
     workdir = tmp_path / "preempted"
-    write = metrics_log.MetricsLog.write
-
-    def write_then_preempt(self, step, epoch, scalars):
-        write(self, step, epoch, scalars)
-        if step == 25 and "train/loss" in scalars:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(metrics_log.MetricsLog, "write", write_then_preempt)
+    with preempted_when(lambda step, scalars: step == 25 and "train/loss" in scalars):
         assert train.train_and_evaluate(_config(digits_data_dir), str(workdir),
                                         train.create_mesh(jax.devices()[:1])) is None
     final = train.train_and_evaluate(_config(digits_data_dir), str(workdir))  # all 8 devices

@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -11,9 +10,9 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, load_experiment
+from conftest import ROOT, load_experiment, preempted_when
 
-from attn_jax import data, metrics_log, train
+from attn_jax import data, train
 
 SMALL = {"dataset.train_split": "train[:160]", "dataset.val_split": "train[1150:1187]",
          "dataset.test_split": "test[:20]", "batch_size": 16, "eval_batch_size": 16,
@@ -142,15 +141,7 @@ def test_sweep_runs_skips_resumes_and_reports(tmp_path, digits_data_dir):
     config = _config(digits_data_dir, {**SMALL, "model.dim": 8, "seed": 0, "num_epochs": 2,
                                        "log_every_steps": 5})
     config.optimizer.schedule = "constant"
-    write = metrics_log.MetricsLog.write
-
-    def write_then_preempt(self, step, epoch, scalars):
-        write(self, step, epoch, scalars)
-        if "val/loss" in scalars:  # the end of epoch 1
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(metrics_log.MetricsLog, "write", write_then_preempt)
+    with preempted_when(lambda step, scalars: "val/loss" in scalars):  # the end of epoch 1
         assert train.train_and_evaluate(config, str(workdir / first["name"])) is None
 
     result = subprocess.run([sys.executable, "launch.py", f"--config={experiment}", "--sweep",
