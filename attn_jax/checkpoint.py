@@ -23,8 +23,10 @@ BEST_METRIC = "val/top1"
 
 
 def model_description(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What must agree between a checkpoint and the config restoring it."""
-    return {"model": config.model.to_dict(), "num_classes": config.dataset.num_classes,
+    """What must agree between a checkpoint and the config restoring it (not `model.impl`, which
+    computes the same model from the same parameters)."""
+    model = {k: v for k, v in config.model.to_dict().items() if k != "impl"}
+    return {"model": model, "num_classes": config.dataset.num_classes,
             "image_size": config.preprocess.size}
 
 

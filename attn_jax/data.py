@@ -35,7 +35,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-import attn_jax.datasets  # noqa: F401  (registers the datasets attn_jax ships)
 from attn_jax.errors import UserError
 
 Batch = dict[str, np.ndarray]
@@ -128,6 +127,8 @@ class Split:
 
 def _builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The tfds builder of `cfg.name`, prepared (downloading only if `cfg.download`)."""
+    import attn_jax.datasets  # noqa: F401  (registers the datasets attn_jax ships, at first use)
+
     try:
         builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
     except tfds.core.registered.DatasetNotFoundError:

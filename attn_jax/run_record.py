@@ -26,7 +26,7 @@ RECORD = "run.json"
 MAY_CHANGE = ("log_every_steps", "steps_per_call", "unroll_steps", "eval_batch_size",
               "attention_every_epochs", "attention_images", "checkpoint.every_steps",
               "checkpoint.keep", "dataset.data_dir", "dataset.download", "dataset.read_workers",
-              "dataset.prefetch", "dataset.resident_limit_mib", "benchmark.")
+              "dataset.prefetch", "dataset.resident_limit_mib", "model.impl", "benchmark.")
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "grain",
             "numpy")
 

@@ -6,13 +6,11 @@ code runs on one device, on eight, or on a multi-host slice. Reading order:
 `train_step`, `eval_step`, `evaluate`, `train_and_evaluate`.
 """
 
-import contextlib
 import dataclasses
 import functools
 import json
 import math
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,18 +22,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tqdm
 from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from attn_jax import (
     atomic,
+    attention_maps,
     checkpoint,
     data,
+    inference,
     models,
     normalization,
     preprocess,
+    progress,
     run_record,
     summary,
     validate,
@@ -55,67 +55,12 @@ Metrics = dict[str, jax.Array]
 
 
 # ---------------------------------------------------------------------------------------------
-# Random bits on CPU
-# ---------------------------------------------------------------------------------------------
-def _threefry2x32_unrolled(key1, key2, x1, x2):
-    """Threefry-2x32 with its 20 rounds written out: the same bits as JAX's rolled CPU lowering."""
-    shape = jnp.broadcast_shapes(*(jnp.shape(v) for v in (key1, key2, x1, x2)))
-    key1, key2, x1, x2 = (jnp.broadcast_to(v, shape) for v in (key1, key2, x1, x2))
-    keys = (key1, key2, key1 ^ key2 ^ np.uint32(0x1BD11BDA))
-    rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
-    x1, x2 = x1 + keys[0], x2 + keys[1]
-    for i in range(5):
-        for r in rotations[i % 2]:
-            x1 = x1 + x2
-            x2 = ((x2 << np.uint32(r)) | (x2 >> np.uint32(32 - r))) ^ x1
-        x1 = x1 + keys[(i + 1) % 3]
-        x2 = x2 + keys[(i + 2) % 3] + np.uint32(i + 1)
-    return [x1, x2]
-
-
-def use_unrolled_threefry_on_cpu() -> None:
-    """Lowers JAX's threefry hash on CPU without its rolled loop (as JAX does on GPU and TPU).
-
-    On CPU JAX runs the hash's 5 round groups as a while loop, to compile faster; each iteration
-    then passes over every word in memory, which made a dropout mask cost about as much as a matmul
-    layer (430 ms for EANet's [128, 256, 16, 16] attention dropout on this project's 2-core
-    machine). Unrolled, XLA fuses the whole hash with the comparison and the select: 90 ms, and the
-    same bits (a test checks the published known-answer vectors), so every run is unchanged.
-    """
-    from jax.extend.random import threefry2x32_p
-    from jax.interpreters import mlir
-
-    mlir.register_lowering(threefry2x32_p,
-                           mlir.lower_fun(_threefry2x32_unrolled, multiple_results=True),
-                           platform="cpu")
-
-
-use_unrolled_threefry_on_cpu()
-
-
-# ---------------------------------------------------------------------------------------------
 # Mesh, model, optimizer, state
 # ---------------------------------------------------------------------------------------------
 def create_mesh(devices=None) -> Mesh:
     """A 1-D mesh named `data` over `devices` (default: every device of every process)."""
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), ("data",))
-
-
-def compute_dtype(name: str) -> jnp.dtype:
-    """config.dtype -> dtype: "auto" is bfloat16 on GPU/TPU and float32 on CPU."""
-    if name == "auto":
-        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    if name not in ("float32", "bfloat16"):
-        raise UserError(f"config.dtype is {name!r}: use 'float32', 'bfloat16' or 'auto'")
-    return jnp.dtype(name)
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    """The model named by config.model.name, with the rest of config.model as its fields."""
-    fields = {k: v for k, v in config.model.items() if k != "name"}
-    return models.get_model(config.model.name, num_classes=num_classes,
-                            dtype=compute_dtype(config.dtype), **fields)
 
 
 def create_learning_rate_fn(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -338,6 +283,7 @@ class Run:
     stats: dict | None
     feed: data.ResidentFeed | data.StreamedFeed | None = None  # built by `start_feed`
     train_calls: dict[int, Callable] = dataclasses.field(default_factory=dict)
+    compiled_eval: list[Callable] = dataclasses.field(default_factory=list)  # `eval_call`'s
 
     def start_feed(self) -> None:
         """Decodes the training split onto the devices (or starts streaming it)."""
@@ -345,12 +291,18 @@ class Run:
                                    self.config.batch_size, self.config.seed)
 
     def compile(self) -> float:
-        """Compiles the eval step ahead of time for the run's batch shape; returns the seconds."""
+        """Compiles the eval step ahead of time (`eval_call`); returns the seconds it took."""
         start = time.perf_counter()
-        self.eval_fn = self.eval_fn.lower(self.state, self._batch_spec(self.config.eval_batch_size),
-                                          self.stats).compile()
-        self._synchronised()
+        self.eval_call()
         return time.perf_counter() - start
+
+    def eval_call(self) -> Callable:
+        """The compiled eval step for the run's batch shape (compiled at its first use, once)."""
+        if not self.compiled_eval:
+            batch = self._batch_spec(self.config.eval_batch_size)
+            self.compiled_eval.append(self.eval_fn.lower(self.state, batch, self.stats).compile())
+            self._synchronised()
+        return self.compiled_eval[0]
 
     def train_call(self, num_steps: int) -> Callable:
         """The compiled call of `num_steps` train steps (compiled at its first use, once per run)."""
@@ -379,9 +331,25 @@ class Run:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("attn_jax: steps compiled")
 
+    @property
+    def step(self) -> int:
+        """The train state's step (a host sync)."""
+        return int(self.state.step)
+
+    @property
+    def save_every(self) -> int:
+        """Steps between checkpoints within an epoch (config.checkpoint.every_steps; 0: one per
+        epoch, at its end)."""
+        return self.config.checkpoint.every_steps or self.steps_per_epoch
+
+    @property
+    def description(self) -> dict:
+        """What a checkpoint of this run records and a resume checks (`checkpoint.run_description`)."""
+        return checkpoint.run_description(self.config)
+
     def evaluate(self, split: str) -> dict[str, float]:
         """Mean loss, top-1 and top-5 of the current state on split "train", "val" or "test"."""
-        return evaluate(self.eval_fn, self.state, self.splits[split], self.local_eval_batch,
+        return evaluate(self.eval_call(), self.state, self.splits[split], self.local_eval_batch,
                         self.mesh, self.stats)
 
 
@@ -420,7 +388,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path) -> R
             key=normalization.cache_key(config.dataset.name, config.dataset.train_split)).items()}
 
     data.check_num_classes(config.dataset)
-    model = create_model(config, config.dataset.num_classes)
+    model = models.create_model(config, config.dataset.num_classes)
     image_shape = (config.preprocess.size, config.preprocess.size, 3)
     schedule = create_learning_rate_fn(config.optimizer, total_steps)
     tx = create_optimizer(config.optimizer, schedule)
@@ -471,46 +439,6 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-class Throughput:
-    """Training images/s per log interval, excluding compilation (the first call of each step
-    count is not timed) and evaluation (`paused`)."""
-
-    def __init__(self, batch_size: int):
-        self.batch_size, self.rates = batch_size, []
-        self.start, self.steps, self.seen = None, 0, set()
-
-    def stepped(self, num_steps: int, result) -> None:
-        if num_steps not in self.seen:  # this call compiled: time from its end on
-            self.seen.add(num_steps)
-            jax.block_until_ready(result)
-            self.start, self.steps = time.perf_counter(), 0
-        else:
-            self.steps += num_steps
-
-    def restart(self) -> None:
-        """The end of a log interval (after its host sync): records its rate, starts the next."""
-        if self.steps and self.start is not None:
-            self.rates.append(self.steps * self.batch_size / (time.perf_counter() - self.start))
-        self.start, self.steps = time.perf_counter(), 0
-
-    @contextlib.contextmanager
-    def paused(self):
-        begin = time.perf_counter()
-        yield
-        if self.start is not None:
-            self.start += time.perf_counter() - begin
-
-    def median(self) -> float:
-        return float(np.median(self.rates)) if self.rates else 0.0
-
-    def last(self) -> float:
-        """The last log interval's images/s (0 before the first)."""
-        return self.rates[-1] if self.rates else 0.0
-
-    def seconds_for(self, steps: int) -> float:
-        return steps * self.batch_size / self.median() if self.rates else 0.0
-
-
 def _finished_run(workdir: Path) -> dict | None:
     """A finished run's summary (its `summary.json`), after saying so; None for an unfinished one.
     Relaunching a finished run changes nothing in its workdir."""
@@ -535,38 +463,6 @@ def _refuse_to_start_over(workdir: Path) -> None:
                         "afresh")
 
 
-class Progress:
-    """Where the run is within its steps: on a terminal a tqdm line refreshed in place (step,
-    steps/s, and at each log interval its loss, images/s and ETA: no extra host sync); otherwise one
-    plain line per log interval. Process 0 only."""
-
-    def __init__(self, total_steps: int, step: int, enabled: bool):
-        self.total, self.enabled, self.tty = total_steps, enabled, sys.stdout.isatty()
-        self.bar = tqdm.tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
-                             leave=False, file=sys.stdout, disable=not (enabled and self.tty))
-
-    def advance(self, steps: int) -> None:
-        self.bar.update(steps)
-
-    def logged(self, step: int, loss: float, images_per_s: float, eta_s: float) -> None:
-        line = (f"loss {loss:.4f} | {images_per_s:.0f} img/s | ETA {format_duration(eta_s)}"
-                if images_per_s else f"loss {loss:.4f}")
-        if self.tty:
-            self.bar.set_postfix_str(line, refresh=False)
-        elif self.enabled:
-            print(f"step {step}/{self.total}: train {line}", flush=True)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _stopped(log: MetricsLog, ckpt: checkpoint.Checkpointer, signal_name: str, step: int) -> None:
-    ckpt.wait()
-    log.info(f"received {signal_name}: saved a checkpoint at step {step}; relaunch the same "
-             "command to resume")
-    log.close()
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None,
                        ) -> dict | None:
     """Trains `config` for config.num_epochs, evaluating on the validation split after each epoch
@@ -589,14 +485,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh,
-                        stop: "StopSignals") -> dict | None:
-    from attn_jax import attention_maps  # matplotlib: imported by training only
-
+                        stop: StopSignals) -> dict | None:
+    """Start-up (restore or refuse, record, compile), the epochs, then the test and the results."""
     run = build_run(config, mesh, workdir)
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
-    description = checkpoint.run_description(config)
     sums = zero_sums(mesh)
-    restored = ckpt.restore_latest(run.state, sums, description)
+    restored = ckpt.restore_latest(run.state, sums, run.description)
     if (finished := _finished_run(workdir)) is not None:
         ckpt.close()
         return finished
@@ -605,89 +499,122 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: 
     else:
         run.state, sums = restored
     run_record.check_and_record(workdir, config, mesh, resuming=restored is not None)
-    step = int(run.state.step)
     run.start_feed()
     compile_seconds = run.compile()
     if stop.received:  # before the first step: nothing new to save, nothing written yet
-        kept = f"the checkpoint at step {step} is kept" if restored is not None else "nothing saved"
-        if jax.process_index() == 0:
-            print(f"received {stop.received} before the first step: {kept}; relaunch the same "
-                  "command to continue", flush=True)
-        ckpt.close()
-        return None
-    log = MetricsLog(workdir, config, resume_step=step if restored is not None else None)
-    if restored is not None:
-        log.info(f"resumed from the checkpoint at step {step} in {ckpt.directory}")
-    log.info(f"{config.model.name}: {run.num_params:,} parameters; {run.steps_per_epoch} steps/"
-             f"epoch x {config.num_epochs} epochs on {mesh.devices.size} device(s) "
-             f"({jax.default_backend()}), global batch {config.batch_size}, "
-             f"{config.steps_per_call} step(s) per call, training data "
-             f"{'on the devices' if run.feed.resident else 'streamed'}; eval step compiled in "
-             f"{compile_seconds:.1f}s")
-
-    every = config.checkpoint.every_steps or run.steps_per_epoch
-    speed = Throughput(config.batch_size)
-    progress = Progress(run.total_steps, step, enabled=log.is_writer)
-    run_start = time.perf_counter()
+        return _stopped_before_training(ckpt, stop.received, run.step, restored is not None)
+    log = MetricsLog(workdir, config, resume_step=run.step if restored is not None else None)
+    _log_start(log, run, ckpt, restored is not None, compile_seconds)
+    pace = progress.Pace(run.total_steps, run.step, config.batch_size, enabled=log.is_writer)
+    start = time.perf_counter()
     try:
-        for epoch in range(step // run.steps_per_epoch, config.num_epochs):
-            epoch_end = (epoch + 1) * run.steps_per_epoch
-            sizes = data.call_sizes(step, epoch_end, config.steps_per_call,
-                                    (config.log_every_steps, every))
-            for n, feed in zip(sizes, run.feed.epoch(epoch, step % run.steps_per_epoch, sizes),
-                               strict=True):
-                run.state, sums = run.train_call(n)(run.state, sums, feed, run.train_key, run.stats)
-                step += n
-                speed.stepped(n, sums)
-                progress.advance(n)
-                if step % config.log_every_steps == 0 or step == epoch_end:
-                    train_metrics = means(sums)  # the one host sync per log interval
-                    _check_finite(train_metrics, step, epoch + 1)
-                    log.write(step, epoch + 1, {**_prefixed("train", train_metrics),
-                                                "learning_rate": float(run.schedule(step - 1))})
-                    sums = zero_sums(mesh)
-                    speed.restart()
-                    progress.logged(step, train_metrics["loss"], speed.last(),
-                                    speed.seconds_for(run.total_steps - step))
-                if step == epoch_end:
-                    continue  # the last call of the epoch: validate and save below
-                if stop.received or step % every == 0:
-                    ckpt.save(run.state, sums, description)
-                if stop.received:
-                    return _stopped(log, ckpt, stop.received, step)
-
-            with speed.paused():  # evaluation does not count in the training throughput
-                val = run.evaluate("val")
-                log.write(step, epoch + 1, _prefixed("val", val))
-                ckpt.save(run.state, sums, description, metrics=_prefixed("val", val))
-                eta = speed.seconds_for(run.total_steps - step)
-                log.info(f"epoch {epoch + 1}/{config.num_epochs} step {step}: {log.epoch_line()} | "
-                         f"{speed.median():.0f} img/s | ETA {format_duration(eta)}")
-                if (every_maps := config.get("attention_every_epochs", 0)) and \
-                        (epoch + 1) % every_maps == 0:
-                    attention_maps.render_epoch(run, log, epoch + 1)  # DIR/attention/epoch_XXX.png
-            if stop.received:
-                return _stopped(log, ckpt, stop.received, step)
+        stopped = _train_epochs(run, sums, log, ckpt, pace, stop)
     finally:
-        progress.close()
-        ckpt.wait()  # the last epoch's checkpoint committed, even when a signal came meanwhile
+        pace.close()
+        ckpt.wait()  # the last checkpoint committed, even when a signal came meanwhile
+    if stopped:
+        log.info(f"received {stop.received}: saved a checkpoint at step {run.step}; relaunch the "
+                 "same command to resume")
+        log.close()
+        return None
+    return _finish(run, log, ckpt, pace, time.perf_counter() - start, stop)
 
+
+def _train_epochs(run: Run, sums: Metrics, log: MetricsLog, ckpt: checkpoint.Checkpointer,
+                  pace: progress.Pace, stop: StopSignals) -> bool:
+    """Trains from the state's step to the last, in calls of `data.call_sizes` steps; logs, saves and
+    validates on schedule. Returns whether a signal stopped it (after saving a checkpoint)."""
+    config, step = run.config, run.step
+    for epoch in range(step // run.steps_per_epoch, config.num_epochs):
+        epoch_end = (epoch + 1) * run.steps_per_epoch
+        sizes = data.call_sizes(step, epoch_end, config.steps_per_call,
+                                (config.log_every_steps, run.save_every))
+        for n, feed in zip(sizes, run.feed.epoch(epoch, step % run.steps_per_epoch, sizes),
+                           strict=True):
+            run.state, sums = run.train_call(n)(run.state, sums, feed, run.train_key, run.stats)
+            step += n
+            pace.stepped(n, sums)
+            if step % config.log_every_steps == 0 or step == epoch_end:
+                sums = _log_train(run, log, pace, sums, step, epoch + 1)
+            # At the epoch's end the validation below saves; before it, a signal or the cadence.
+            if step < epoch_end and (stop.received or step % run.save_every == 0):
+                ckpt.save(run.state, sums, run.description)
+            if step < epoch_end and stop.received:
+                return True
+        _end_epoch(run, log, ckpt, pace, sums, step, epoch + 1)
+        if stop.received:
+            return True
+    return False
+
+
+def _log_train(run: Run, log: MetricsLog, pace: progress.Pace, sums: Metrics, step: int,
+               epoch: int) -> Metrics:
+    """Writes the log interval's training metrics (the one host sync per interval); returns fresh
+    accumulators. Raises `TrainingDiverged` on a NaN or infinite loss."""
+    metrics = means(sums)
+    _check_finite(metrics, step, epoch)
+    log.write(step, epoch, {**_prefixed("train", metrics),
+                            "learning_rate": float(run.schedule(step - 1))})
+    pace.logged(step, metrics["loss"])
+    return zero_sums(run.mesh)
+
+
+def _end_epoch(run: Run, log: MetricsLog, ckpt: checkpoint.Checkpointer, pace: progress.Pace,
+               sums: Metrics, step: int, epoch: int) -> None:
+    """Validates, saves a checkpoint with the validation metrics (for 'best'), says where the run
+    is, and draws the attention maps when due. Not counted in the training throughput."""
+    config = run.config
+    with pace.paused():
+        val = run.evaluate("val")
+        log.write(step, epoch, _prefixed("val", val))
+        ckpt.save(run.state, sums, run.description, metrics=_prefixed("val", val))
+        log.info(f"epoch {epoch}/{config.num_epochs} step {step}: {log.epoch_line()} | "
+                 f"{pace.median():.0f} img/s | ETA {format_duration(pace.eta(step))}")
+        if (every := config.get("attention_every_epochs", 0)) and epoch % every == 0:
+            inference.render_epoch(run, log, epoch)  # DIR/attention/epoch_XXX.png
+
+
+def _finish(run: Run, log: MetricsLog, ckpt: checkpoint.Checkpointer, pace: progress.Pace,
+            seconds: float, stop: StopSignals) -> dict:
+    """Evaluates on the test split and writes the results: `summary.json` and `curves.png`."""
+    config = run.config
     test = run.evaluate("test")
-    log.write(step, config.num_epochs, _prefixed("test", test))
+    log.write(run.step, config.num_epochs, _prefixed("test", test))
     final = {**log.latest(), "num_params": run.num_params,
-             "train_images_per_s": speed.median() or None,
-             "wall_time_s": time.perf_counter() - run_start}
+             "train_images_per_s": pace.median() or None, "wall_time_s": seconds}
     log.info(f"test: loss {test['loss']:.4f} top1 {100 * test['top1']:.2f}% "
              f"top5 {100 * test['top5']:.2f}%")
     log.write_json("summary.json", final)
     if log.is_writer:
-        attention_maps.plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+        attention_maps.plot_curves(log.workdir / "metrics.jsonl", log.workdir / "curves.png")
     if stop.received:  # during the last evaluation or the writing of the results
         log.info(f"received {stop.received} while finishing: the run is finished and its results "
                  "are written")
     log.close()
     ckpt.close()
     return final
+
+
+def _stopped_before_training(ckpt: checkpoint.Checkpointer, signal_name: str, step: int,
+                             resumed: bool) -> None:
+    kept = f"the checkpoint at step {step} is kept" if resumed else "nothing saved"
+    if jax.process_index() == 0:
+        print(f"received {signal_name} before the first step: {kept}; relaunch the same command "
+              "to continue", flush=True)
+    ckpt.close()
+
+
+def _log_start(log: MetricsLog, run: Run, ckpt: checkpoint.Checkpointer, resumed: bool,
+               compile_seconds: float) -> None:
+    config = run.config
+    if resumed:
+        log.info(f"resumed from the checkpoint at step {run.step} in {ckpt.directory}")
+    log.info(f"{config.model.name}: {run.num_params:,} parameters; {run.steps_per_epoch} steps/"
+             f"epoch x {config.num_epochs} epochs on {run.mesh.devices.size} device(s) "
+             f"({jax.default_backend()}), global batch {config.batch_size}, "
+             f"{config.steps_per_call} step(s) per call, training data "
+             f"{'on the devices' if run.feed.resident else 'streamed'}; eval step compiled in "
+             f"{compile_seconds:.1f}s")
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best",

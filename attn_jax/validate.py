@@ -106,6 +106,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "preprocess.normalize": one_of("rescale", "standardize"),
     "model.name": lambda: one_of(*_model_names()),
     "model.attention": one_of("external", "self"),
+    "model.impl": one_of("auto", "reference", "fast"),
     "model.tie_trunk": BOOLEAN,
     "model.gelu_approximate": BOOLEAN,
     **{f"model.{k}": integer(1) for k in ("dim", "depth", "se_ratio", "patch_size", "mlp_dim",

@@ -14,11 +14,12 @@ and std, computed once and cached in DIR/normalization.json. 361,380 trainable p
 (`--mode=summary`). Needs tfds `cifar100` prepared in config.dataset.data_dir (or network access
 to download it).
 
-On this project's 2-core CPU, shared with other jobs (load average 6 to 11): 9.2 training
-images/s, so one epoch took 94 min with its evaluation, and 36.7% validation top-1 (87.3% top-5)
-after one epoch on CIFAR-10 (`--config.dataset.name=cifar10 --config.dataset.num_classes=10`; the
-constant learning rate makes that the first epoch of the full run). A full run is a GPU job: 50
-epochs at this rate would take three days.
+Measured on this project's 2-core CPU (2026-11-22, before the CPU speed-ups of
+docs/performance.md): 9.2 training images/s, so one epoch took 94 min with its evaluation, and
+36.7% validation top-1 (87.3% top-5) after one epoch on CIFAR-10 (`--config.dataset.name=cifar10
+--config.dataset.num_classes=10`; the constant learning rate makes that the first epoch of the full
+run). The train-step benchmark after the speed-ups ran at 48.9 images/s (docs/performance.md). A
+full run is a GPU job: 50 epochs at 9.2 images/s would take three days.
 
 One override away: the warm-up-cosine schedule (--config.optimizer.schedule=warmup_cosine), the
 paper's external attention with S = 64 memory slots shared across heads
@@ -81,6 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "eanet"
+    # How the model is computed, not what: "reference" (plain Flax layers), "fast" (attn_jax.fast:
+    # same parameters and function, faster on CPU) or "auto" (fast on CPU, reference elsewhere).
+    config.model.impl = "auto"
     config.model.patch_size = 2
     config.model.dim = 64
     config.model.mlp_dim = 64

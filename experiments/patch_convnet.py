@@ -16,8 +16,8 @@ Measured on this project's 2-core CPU (AMD EPYC, AVX-512; 2026-11-27), the first
 --config.steps_per_call=8 --config.log_every_steps=104: validation top-1 37.7, 46.0, 53.3, 58.5,
 62.2% (published 37.8, 45.9, 50.8, 61.5, 64.2), 150 training images/s, about 4.7 min per epoch.
 
-Offline smoke run (scikit-learn's digits, ships with the package; a few minutes on 2 CPU cores,
-reaches >= 90% test top-1):
+Offline smoke run (scikit-learn's digits, ships with the package; 39 s on this project's 2-core
+CPU, AMD EPYC with AVX-512, preparing the digits included; measured 95.6% test top-1):
 
     python launch.py --config=experiments/patch_convnet.py:smoke --workdir=runs/smoke
 """
@@ -72,6 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "patch_convnet_tutorial"
+    # How the model is computed, not what: "reference" (plain Flax layers), "fast" (attn_jax.fast:
+    # same parameters and function, faster on CPU) or "auto" (fast on CPU, reference elsewhere).
+    config.model.impl = "auto"
     config.model.dim = 256
     config.model.depth = 2
     config.model.se_ratio = 8

@@ -13,13 +13,13 @@ resize 36 + random crop 32 in training) -> 8x8 = 64 patches, layer-scale init 1e
 multiply-adds of convs and matmuls per image (the tutorial's model: 1,436,426 parameters with its
 shared trunk block, 2,174,986 untied, 0.271 G, 144 patches). The size was picked for the 2-core
 CPU: XLA's CPU depthwise convolution is slow (its forward + backward took 4.6x the time of a 1x1
-conv of the same shape that does 21x more work), so in a bare train-step benchmark under a load of
-about 7 dim 192 / depth 12 ran at 11 images/s and dim 128 / depth 8 at 33 (the tutorial's model at
-8).
+conv of the same shape that does 21x more work), so in a bare train-step benchmark (2026-11-22,
+before the CPU speed-ups of docs/performance.md) dim 192 / depth 12 ran at 11 images/s and dim 128
+/ depth 8 at 33 (the tutorial's model at 8).
 
     python launch.py --config=experiments/patch_convnet_paper_cifar.py --workdir=runs/paper_cifar
 
-Measured on the 2-core CPU shared with other runs (load average 11 at the start, 5-6 at the end):
+Measured on the 2-core CPU shared with other runs (2026-11-22, before the CPU speed-ups):
 24 training images/s (the console's median), 37 minutes for epoch 1 with its evaluation, and
 22.38% validation top-1 after epoch 1 of the real 50-epoch schedule, stopped there
 (`--config.dataset.data_dir=../shared/tfds --config.dataset.download=False
@@ -30,8 +30,8 @@ Offline smoke run (scikit-learn's digits with the tutorial's :smoke data and bat
 depth 2, 3 stem convs -> 4x4 patches, no drop-path, lr 3e-3 and 40 epochs, as the paper model
 learns more slowly there: 74% test top-1 with the tutorial's 1e-3 / 30 epochs and 2 stem convs at
 most 88%). Measured: 95.56% test top-1 (the same in two runs) in 2m21s on the 2 shared cores
-under a load of 6-8 (training ran at about 1,050 images/s, 42 s of it; compiling the steps took
-30 s), 4m12s under a load of about 11:
+(2026-11-22, before the CPU speed-ups; training ran at about 1,050 images/s, 42 s of it; compiling
+the steps took 30 s), 4m12s in the other run, on a busier machine:
 
     python launch.py --config=experiments/patch_convnet_paper_cifar.py:smoke --workdir=runs/smoke_paper
 """
@@ -50,6 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "patch_convnet"
+    # How the model is computed, not what: "reference" (plain Flax layers), "fast" (attn_jax.fast:
+    # same parameters and function, faster on CPU) or "auto" (fast on CPU, reference elsewhere).
+    config.model.impl = "auto"
     config.model.dim = 128
     config.model.depth = 8
     config.model.stem_convs = 2

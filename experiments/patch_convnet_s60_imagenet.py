@@ -28,21 +28,21 @@ split is far beyond the resident limit, so it streams (a copy prepared as TFReco
 Untested on real ImageNet here (it cannot be downloaded offline); the mixed-size path is
 covered by a test on images of several sizes.
 
-Recipe: DeiT's (Touvron et al. 2020, its Table 9), as issue 8 specifies, with what attn_jax has:
+Recipe: DeiT's (Touvron et al. 2020, its Table 9), with what attn_jax has:
 
 - implemented: AdamW, lr 5e-4 * 1024 / 512 = 1e-3 at global batch 1024, betas (0.9, 0.999),
   eps 1e-8, weight decay 0.05 scaled by the learning rate (optax / PyTorch convention), 300
   epochs, linear warm-up over 5 epochs then cosine decay, label smoothing 0.1, no dropout,
   drop-path (stochastic depth, the same rate in every block as the official code), no gradient
-  clipping, random horizontal flip; the class token and the layer-scales are not decayed.
+  clipping, random horizontal flip, a fresh random permutation of the training split every epoch;
+  the class token and the layer-scales are not decayed.
 - different: the warm-up starts from 0 and the cosine ends at 0, stepped per step (DeiT: per
-  epoch, warm-up from 1e-6, cosine to a floor of 1e-5); images are resized bilinearly without
-  antialiasing (DeiT: bicubic); training resizes to 256x256 (aspect ratio not kept) and takes a
-  random 224 crop, evaluation resizes to 224x224 (DeiT: resize the short side to 256, centre crop
-  224); inputs are x / 255 (DeiT: standardised with ImageNet's mean and std); biases and
-  LayerNorm parameters are decayed (DeiT/timm exclude every 1-D parameter: `decay_mask` has
-  `exclude_vectors` but the config does not expose it); shuffling uses a 10,000-image buffer over
-  tfds' pre-shuffled files (DeiT: a full random permutation).
+  epoch, warm-up from 1e-6, cosine to a floor of 1e-5); images are resized bilinearly (DeiT:
+  bicubic): to 256x256 on the host (aspect ratio not kept), then training takes a random 224 crop
+  and evaluation resizes to 224x224 on the device, without antialiasing (DeiT: resize the short
+  side to 256, centre crop 224); inputs are x / 255 (DeiT: standardised with ImageNet's mean and
+  std); biases and LayerNorm parameters are decayed (DeiT/timm exclude every 1-D parameter:
+  `decay_mask` has `exclude_vectors` but the config does not expose it).
 - not implemented: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3), RandAugment
   (rand-m9-mstd0.5-inc1), Mixup (alpha 0.8) and CutMix (alpha 1.0) with soft-target
   cross-entropy, repeated augmentation (3 repeats), random erasing (p 0.25), and the weight EMA
@@ -98,6 +98,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # MLP ratio 3); num_classes and dtype come from the dataset and config.dtype.
     config.model = ml_collections.ConfigDict()
     config.model.name = "S60"
+    # How the model is computed, not what: "reference" (plain Flax layers), "fast" (attn_jax.fast:
+    # same parameters and function, faster on CPU) or "auto" (fast on CPU, reference elsewhere).
+    config.model.impl = "auto"
     config.model.drop_path_rate = 0.05  # unverified against the paper: see the docstring
     config.model.attention_dropout = 0.0
 

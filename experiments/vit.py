@@ -9,13 +9,15 @@ Full run (50 epochs, batch 128, AdamW 1e-3 / wd 1e-4 at a constant learning rate
     python launch.py --config=experiments/vit.py --workdir=runs/vit
 
 Published: the tutorial claims about 41% test top-1 and 73% top-5 on CIFAR-100 (no run shown).
-On this project's 2-core CPU, shared with other jobs (load average 4 to 6): 3.6 training images/s
-(a 20-step run on CIFAR-10), so one epoch would take about 3 hours before its evaluation; the
-validation top-1 after one epoch was not measured here. Forward cost 0.86 GFLOPs per image against
-EANet's 0.19 (XLA count): self-attention over 256 tokens. A full run is a GPU job.
+Measured on this project's 2-core CPU (2026-11-22, before the CPU speed-ups of
+docs/performance.md): 3.6 training images/s (a 20-step run on CIFAR-10), so one epoch would have
+taken about 3 hours before its evaluation; the train-step benchmark after the speed-ups ran at 11.1
+images/s (docs/performance.md). The validation top-1 after one epoch was not measured here.
+Forward cost 0.86 GFLOPs per image against EANet's 0.19 (XLA count): self-attention over 256
+tokens. A full run is a GPU job.
 
-Offline smoke run (scikit-learn's digits; 2m44s on 2 CPU cores shared with other jobs, load
-average 8.4; measured 96.1% test top-1):
+Offline smoke run (scikit-learn's digits; 2m44s on the project's 2 CPU cores, 2026-11-22, before
+the CPU speed-ups; measured 96.1% test top-1):
 
     python launch.py --config=experiments/vit.py:smoke --workdir=runs/vit_smoke
 """

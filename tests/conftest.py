@@ -20,6 +20,9 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 import pytest  # noqa: E402
 
 from attn_jax.experiment import load_module  # noqa: E402
+from attn_jax.fast.threefry import use_unrolled_threefry_on_cpu  # noqa: E402
+
+use_unrolled_threefry_on_cpu()  # as launch.py does before any work
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TFDS = ROOT.parent / "shared" / "tfds"

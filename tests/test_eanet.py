@@ -1,7 +1,8 @@
-"""EANet (the tutorial's external attention and ViT baseline) and the tutorial's augmentations."""
+"""EANet (`attn_jax/models/eanet.py`): the tutorial's external attention and its ViT baseline."""
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,6 @@ import pytest
 from conftest import load_experiment
 from initialisers import check_initialisers, keras_glorot_bound
 
-from attn_jax import augment
 from attn_jax.errors import UserError
 from attn_jax.models import eanet, get_model
 from attn_jax.summary import abstract_variables, total_params
@@ -38,11 +38,10 @@ def test_double_normalization():
     assert weights.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("slots, folded", [(5, True), (32, False)])
-def test_external_attention_matches_tutorial_layout(slots, folded):
-    """Both computation orders give what the tutorial's [B, heads, N, hd] layout gives."""
+@pytest.mark.parametrize("slots", [5, 32])
+def test_external_attention_matches_tutorial_layout(slots):
+    """The [B, N, heads, ...] layout computes what the tutorial's [B, heads, N, hd] layout does."""
     heads, head_dim, inner = 4, 4, 16  # dim 8, 2 heads x coefficient 2
-    assert eanet.fold_memories(8, heads, head_dim, slots) == folded
     layer = eanet.ExternalAttention(num_heads=2, dim_coefficient=2, memory_slots=slots,
                                     attention_dropout=0.0, projection_dropout=0.0)
     x = jax.random.normal(jax.random.key(0), (2, 9, 8))
@@ -59,6 +58,23 @@ def test_external_attention_matches_tutorial_layout(slots, folded):
     expected = dense("out", y)
     np.testing.assert_allclose(layer.apply({"params": params}, x, train=False), expected,
                                atol=1e-5)
+
+
+def test_self_attention_matches_keras_multi_head_attention():
+    """Without dropout: Keras' MultiHeadAttention(2, key_dim=dim) computed head by head."""
+    layer = eanet.self_attention(num_heads=2, dim=8, attention_dropout=0.0, dtype=jnp.float32,
+                                 attention_fn=nn.dot_product_attention, name=None)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 8))
+    params = layer.init(jax.random.key(1), x)["params"]
+    params = jax.tree.map(lambda p: p + 0.05, params)  # non-zero biases
+    heads = []
+    for h in range(2):
+        q, k, v = (x @ params[n]["kernel"][:, h] + params[n]["bias"][h]
+                   for n in ("query", "key", "value"))
+        weights = jax.nn.softmax(q @ k.swapaxes(-1, -2) / np.sqrt(8), axis=-1)
+        heads.append(weights @ v @ params["out"]["kernel"][h])
+    expected = sum(heads) + params["out"]["bias"]
+    np.testing.assert_allclose(layer.apply({"params": params}, x), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("attention", ["external", "self"])
@@ -159,54 +175,3 @@ def test_bad_config_raises_user_error():
         eanet.EANet(**{**TINY, "attention": "linear"})
     with pytest.raises(UserError, match="num_heads"):
         eanet.EANet(**{**TINY, "num_heads": 3})
-
-
-# Augmentations, on one raw-pixel image.
-
-IMAGE = jax.random.uniform(jax.random.key(7), (12, 10, 3), maxval=255.0)
-KEY = jax.random.key(11)
-
-
-def test_zero_factors_are_identity():
-    np.testing.assert_array_equal(augment.random_rotation(IMAGE, KEY, 0.0), IMAGE)
-    np.testing.assert_array_equal(augment.random_zoom(IMAGE, KEY, 0.0, 0.0), IMAGE)
-    np.testing.assert_array_equal(augment.random_contrast(IMAGE, KEY, 0.0), IMAGE)
-    # The math itself is exact at angle 0, zoom 1 (no short-circuit there).
-    np.testing.assert_array_equal(augment.rotate(IMAGE, jnp.float32(0)), IMAGE)
-    np.testing.assert_array_equal(augment.zoom(IMAGE, jnp.float32(1), jnp.float32(1)), IMAGE)
-
-
-def test_flip_twice_is_identity():
-    once = augment.random_flip(IMAGE, KEY)
-    np.testing.assert_array_equal(augment.random_flip(once, KEY), IMAGE)
-
-
-def test_rotation_of_constant_image_stays_constant():
-    constant = jnp.full((12, 10, 3), 200.0)
-    rotated = augment.rotate(constant, jnp.float32(np.deg2rad(30)))  # corners fall outside
-    np.testing.assert_allclose(rotated, 200.0, rtol=1e-5)
-    np.testing.assert_allclose(augment.random_rotation(constant, KEY, 0.1), 200.0, rtol=1e-5)
-
-
-def test_rotation_by_180_degrees_flips_both_axes():
-    np.testing.assert_allclose(augment.rotate(IMAGE, jnp.float32(np.pi)), IMAGE[::-1, ::-1],
-                               atol=1e-3)
-
-
-def test_contrast_stays_in_pixel_range():
-    for seed in range(3):
-        out = augment.random_contrast(IMAGE, jax.random.key(seed), 0.9)
-        assert out.shape == IMAGE.shape
-        assert float(out.min()) >= 0.0 and float(out.max()) <= 255.0
-        assert not np.allclose(out, IMAGE)
-
-
-def test_zoom_changes_image_and_keeps_shape():
-    out = augment.random_zoom(IMAGE, KEY, 0.2, 0.2)
-    assert out.shape == IMAGE.shape
-    assert not np.allclose(out, IMAGE)
-    # zoom out by 2 about the centre: the centre pixel stays, its neighbour reads two pixels away
-    odd = jax.random.uniform(KEY, (9, 9, 3), maxval=255.0)
-    zoomed = augment.zoom(odd, jnp.float32(2), jnp.float32(2))
-    np.testing.assert_allclose(zoomed[4, 4], odd[4, 4], rtol=1e-6)
-    np.testing.assert_allclose(zoomed[4, 5], odd[4, 6], rtol=1e-6)

@@ -7,13 +7,13 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import load_experiment
 
-from attn_jax import data, normalization, summary, train
+from attn_jax import data, models, normalization, summary, train
 
 
 @pytest.mark.parametrize("experiment, expected", [("eanet", 361_380), ("vit", 623_268)])
 def test_experiment_parameter_counts(experiment, expected):
     config = load_experiment(experiment)
-    model = train.create_model(config, config.dataset.num_classes)
+    model = models.create_model(config, config.dataset.num_classes)
     size = config.preprocess.size
     assert summary.total_params(model, (size, size, 3)) == expected
 

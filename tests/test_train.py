@@ -9,7 +9,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from attn_jax import data, train
+from attn_jax import data, models, train
 from attn_jax.errors import UserError
 
 
@@ -32,7 +32,7 @@ def test_train_and_evaluate_writes_every_output(tmp_path, tiny_config):
 
 def _run_steps(config, mesh, batches):
     """Losses of consecutive train steps on `mesh`, from the same initial state."""
-    model = train.create_model(config, 10)
+    model = models.create_model(config, 10)
     schedule = train.create_learning_rate_fn(config.optimizer, 10)
     tx = train.create_optimizer(config.optimizer, schedule)
     state = train.create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh)
@@ -122,7 +122,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path, tiny_config):
 def test_unknown_model_is_a_clear_error(tiny_config):
     config = tiny_config(**{"model.name": "resnet"})
     with pytest.raises(UserError, match="unknown model name 'resnet'.*patch_convnet_tutorial"):
-        train.create_model(config, 10)
+        models.create_model(config, 10)
 
 
 def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, tiny_config, capsys):
@@ -143,23 +143,3 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, tiny_config, ca
     path.write_text('{"step": 2, "epo\n{"step": 4, "epoch": 1}\n')
     with pytest.raises(UserError, match=r"metrics.jsonl line 1 is not JSON"):
         metrics_log.MetricsLog(tmp_path, tiny_config(), resume_step=4)
-
-
-def test_progress_is_a_line_per_log_interval_off_a_terminal_and_in_place_on_one(capsys,
-                                                                               monkeypatch):
-    progress = train.Progress(total_steps=100, step=10, enabled=True)
-    progress.advance(10)
-    progress.logged(20, 1.2345, 150.0, 3725)
-    progress.close()
-    assert capsys.readouterr().out == "step 20/100: train loss 1.2345 | 150 img/s | ETA 1h02m05s\n"
-    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
-    progress = train.Progress(total_steps=100, step=10, enabled=True)
-    progress.advance(10)
-    progress.logged(20, 1.2345, 150.0, 3725)
-    assert progress.bar.n == 20 and "loss 1.2345 | 150 img/s" in progress.bar.postfix
-    progress.close()
-    assert "step 20/100" not in capsys.readouterr().out  # refreshed in place, not printed
-    quiet = train.Progress(total_steps=100, step=0, enabled=False)  # processes other than 0
-    quiet.logged(5, 1.0, 0.0, 0.0)
-    quiet.close()
-    assert capsys.readouterr().out == ""

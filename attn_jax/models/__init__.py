@@ -1,15 +1,25 @@
-"""Model registry: `get_model(name, **kwargs)` builds any attn_jax classifier by name.
+"""Model registry: `create_model(config, num_classes)` builds any attn_jax classifier from its config.
 
 Every model is a `flax.linen.Module` called as `model(images, train=bool)` on float images of shape
 `[batch, height, width, 3]` (already preprocessed) and returning `(logits, attention)`: logits of
 shape `[batch, num_classes]`, and the class token's attention weights over the patches of shape
 `[batch, num_patches]` (softmax weights, summing to 1) or `None` for models without one.
+
+The models here are the reference forms, plain Flax layers in the papers' vocabulary. Each takes
+the layers it is built from as fields (`conv`, `external_attention`, `attention_fn`), as flax's
+ResNet takes `conv`; `layers_for` is the ONE place that swaps in the speed versions of
+`attn_jax.fast` (same parameters, same function: `tests/test_fast_equivalence.py`), from
+`config.model.impl`.
 """
 
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
 
+from attn_jax import fast
 from attn_jax.errors import UserError
 from attn_jax.models import eanet, patch_convnet, patch_convnet_tutorial
 
@@ -19,6 +29,7 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "patch_convnet": patch_convnet.PatchConvNet,
     **patch_convnet.VARIANTS,
 }
+IMPLS = ("auto", "reference", "fast")
 
 
 def model_names() -> list[str]:
@@ -36,3 +47,46 @@ def get_model(name: str, **kwargs) -> nn.Module:
         return _MODELS[name](**kwargs)
     except TypeError as e:
         raise UserError(f"model {name!r} does not accept these config.model fields: {e}") from None
+
+
+def resolve_impl(impl: str, backend: str) -> str:
+    """config.model.impl -> "reference" or "fast". "auto" is "fast" where it was measured faster:
+    on CPU (the folded and chunked attentions, the matmul conv gradient: docs/performance.md);
+    elsewhere "reference", whose whole-batch ops GPUs and TPUs run well."""
+    if impl not in IMPLS:
+        raise UserError(f"config.model.impl is {impl!r}: use one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        return "fast" if backend == "cpu" else "reference"
+    return impl
+
+
+def layers_for(impl: str, backend: str | None = None) -> dict:
+    """The layer fields a model is built with under config.model.impl on `backend` (default: JAX's
+    default backend): {} for the reference layers (each model's defaults), else the fast ones."""
+    if resolve_impl(impl, backend or jax.default_backend()) == "reference":
+        return {}
+    return {"conv": fast.Conv, "external_attention": fast.ExternalAttention,
+            "attention_fn": fast.chunked_dot_product_attention}
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """config.dtype -> dtype: "auto" is bfloat16 on GPU/TPU and float32 on CPU."""
+    if name == "auto":
+        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    if name not in ("float32", "bfloat16"):
+        raise UserError(f"config.dtype is {name!r}: use 'float32', 'bfloat16' or 'auto'")
+    return jnp.dtype(name)
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int,
+                 impl: str | None = None) -> nn.Module:
+    """The model named by config.model.name, with the rest of config.model as its fields, built
+    from the layers `impl` (default config.model.impl, "auto" if unset) chooses."""
+    fields = {k: v for k, v in config.model.items() if k not in ("name", "impl")}
+    layers = layers_for(impl or config.model.get("impl", "auto"))
+    cls = _MODELS.get(config.model.name)
+    accepted = getattr(cls, "__dataclass_fields__", None) or getattr(
+        getattr(cls, "func", None), "__dataclass_fields__", {})
+    layers = {k: v for k, v in layers.items() if k in accepted}
+    return get_model(config.model.name, num_classes=num_classes,
+                     dtype=compute_dtype(config.dtype), **fields, **layers)

@@ -11,13 +11,19 @@ attention, 623,268):
       -> `num_blocks` x  x + Attn(LN(x)); x + MLP(LN(x))                 -> [B, N, dim]
       -> mean over tokens, Dense head                                    -> logits [B, classes]
 
-External attention (per block): Dense(dim * coef), split into num_heads * coef heads, memory keys
-M_k = Dense(S) shared across heads, softmax over the tokens, L1 over the S memory slots (the
-"double normalisation"), dropout, memory values M_v = Dense(head_dim), merge heads, Dense(dim),
-dropout. The tutorial has S = dim // dim_coefficient = 16; the paper uses S = 64 (`memory_slots`).
+External attention (per block, `ExternalAttention`): Dense(dim * coef), split into num_heads * coef
+heads, memory keys M_k = Dense(S) shared across heads, softmax over the tokens, L1 over the S memory
+slots (the "double normalisation"), dropout, memory values M_v = Dense(head_dim), merge heads,
+Dense(dim), dropout. The tutorial has S = dim // dim_coefficient = 16; the paper uses S = 64
+(`memory_slots`). The ViT baseline's self-attention is flax's `nn.MultiHeadDotProductAttention`
+with Keras' MultiHeadAttention settings (`self_attention`).
 
-Initialisers follow Keras (Glorot-uniform kernels with Keras' fans, see `DenseParams`; zero biases,
-uniform(-0.05, 0.05) position embedding). The MLP's GELU is a field, `gelu_approximate`: False (the
+The layers are fields (`external_attention`, `attention_fn`): `config.model.impl` may give the
+speed versions of `attn_jax.fast` (the same parameters and function, computed in another order and a
+few examples at a time on CPU).
+
+Initialisers follow Keras (Glorot-uniform kernels with Keras' fans, `keras_init.keras_glorot`; zero
+biases, uniform(-0.05, 0.05) position embedding). The MLP's GELU is a field, `gelu_approximate`: False (the
 default) is exact (erf), as `tf.nn.gelu` in the TensorFlow 2 version of the tutorial, the run behind
 the published 43.91%; True is the tanh approximation that the current Keras 3 text gets from
 `ops.gelu` (whose default is `approximate=True`), a difference below 1e-3 per activation. The
@@ -25,24 +31,19 @@ tutorial's softmax head is left to the loss: the model returns logits.
 """
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attn_jax.errors import UserError
-from attn_jax.models.chunking import attention_chunks, map_in_chunks, num_chunks
+from attn_jax.models.keras_init import glorot, keras_embedding_init, keras_glorot
 
 Dtype = Any
-glorot = nn.initializers.xavier_uniform()
+ModuleDef = Any
 ATTENTION_TYPES = ("external", "self")
-
-
-def keras_embedding_init(key, shape, dtype=jnp.float32):
-    """Keras `Embedding`'s default initialiser: uniform in [-0.05, 0.05)."""
-    return jax.random.uniform(key, shape, dtype, minval=-0.05, maxval=0.05)
 
 
 def extract_patches(images: jax.Array, patch_size: int) -> jax.Array:
@@ -77,73 +78,12 @@ def double_normalize(logits: jax.Array, token_axis: int = 1) -> jax.Array:
     return l1_over_slots(softmax_over_tokens(logits, token_axis))
 
 
-def keep_mask(module: nn.Module, rate: float, shape: tuple[int, ...],
-              train: bool) -> jax.Array | None:
-    """The keep mask [shape] that `nn.Dropout(rate)` would draw, from `module`'s "dropout" rng, or
-    None when nothing is dropped (evaluation, or rate 0). Drawn for the whole batch, so that
-    computing the layer in chunks of examples does not change it."""
-    if not train or rate == 0:
-        return None
-    return jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, shape)
-
-
-def apply_dropout(x: jax.Array, keep: jax.Array | None, rate: float) -> jax.Array:
-    """`nn.Dropout` with a given mask: kept values divided by 1 - rate, the rest 0. Same shape."""
-    if keep is None:
-        return x
-    if rate == 1:
-        return jnp.zeros_like(x)
-    return jnp.where(keep, x / (1.0 - rate), 0.0)
-
-
-class DenseParams(nn.Module):
-    """A Keras Dense layer's variables, returned, not applied: () -> (kernel [*in, *out], bias [*out]).
-
-    Glorot-uniform kernel and zero bias, stored as {kernel, bias} exactly as `nn.Dense` (int shapes)
-    or `nn.DenseGeneral` (tuples) store them. The Glorot fans are Keras' for the kernel's shape:
-    Keras takes a rank-3 kernel for a conv kernel, so MultiHeadAttention's query [dim, heads, dim]
-    gets fan_in = heads * dim, fan_out = dim * dim (std 0.021 for the ViT baseline, not the matrix
-    [dim, heads * dim]'s 0.079) and its output [heads, dim, dim] fan_in = fan_out = heads * dim.
-    Flax's `xavier_uniform` on the full shape computes the same. That is what the tutorial ran with
-    (tf.keras; recent Keras 3, e.g. 3.15.1, computes matrix fans instead).
-    """
-
-    in_shape: int | tuple[int, ...]
-    out_shape: int | tuple[int, ...]
-
-    @nn.compact
-    def __call__(self):
-        in_shape, out_shape = (tuple(np.atleast_1d(s)) for s in (self.in_shape, self.out_shape))
-        kernel = self.param("kernel", glorot, in_shape + out_shape, jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, out_shape, jnp.float32)
-        return kernel, bias
-
-
-def fold_memories(dim: int, heads: int, head_dim: int, memory_slots: int) -> bool:
-    """Whether folding the memories into the outer Dense layers saves multiply-adds.
-
-    Per token, the tutorial's order costs dim*inner (expand) + inner*S (M_k, all heads) + inner*S
-    (M_v) + inner*dim (out), with inner = heads * head_dim; the folded maps cost dim*heads*S twice.
-    For the tutorial (dim 64, 16 heads of 16, S = 16) folding costs 32,768 instead of 40,960 and
-    replaces the 16-wide memory matmuls, slow on CPU, by 256-wide ones; for the paper's S = 64 it
-    would cost 131,072 instead of 65,536, so the memories are then applied as in the tutorial.
-    """
-    inner = heads * head_dim
-    return dim * heads * memory_slots <= dim * inner + inner * memory_slots
-
-
 class ExternalAttention(nn.Module):
-    """Multi-head external attention with two shared memories: [B, N, dim] -> [B, N, dim].
+    """Multi-head external attention with two memories shared by the heads: [B, N, dim] -> [B, N, dim].
 
     Laid out as [B, N, heads, ...] throughout (the tutorial transposes to [B, heads, N, ...]), so
-    splitting and merging the heads are free reshapes. The parameters are the tutorial's four Dense
-    layers (`expand` dim -> inner, `memory_key` head_dim -> S, `memory_value` S -> head_dim, `out`
-    inner -> dim). When `fold_memories` says it is cheaper, the linear maps on either side of the
-    double normalisation are composed first (expand then M_k into one [dim, heads * S] kernel, M_v
-    then out into one [heads * S, dim] kernel): the same function of the same parameters, computed
-    in a different order. On CPU the attention runs a few examples at a time (`chunking.py`: the
-    softmax over tokens then reads each example's weights from cache); the dropout mask is drawn
-    for the whole batch first, so it does not depend on the chunking.
+    splitting and merging the heads are free reshapes; h = num_heads * dim_coefficient heads of
+    d = dim / num_heads, S = memory_slots.
     """
 
     num_heads: int
@@ -157,111 +97,36 @@ class ExternalAttention(nn.Module):
     def __call__(self, x, *, train: bool):
         batch, tokens, dim = x.shape
         heads = self.num_heads * self.dim_coefficient
-        inner = dim * self.dim_coefficient
-        head_dim, slots = inner // heads, self.memory_slots
-        w_e, b_e = DenseParams(dim, inner, name="expand")()
-        w_k, b_k = DenseParams(head_dim, slots, name="memory_key")()
-        w_v, b_v = DenseParams(slots, head_dim, name="memory_value")()
-        w_o, b_o = DenseParams(inner, dim, name="out")()
-        fold = fold_memories(dim, heads, head_dim, slots)
+        head_dim = dim * self.dim_coefficient // heads
+        dense = functools.partial(nn.Dense, kernel_init=glorot, dtype=self.dtype)
 
-        def dense(inputs, kernel, bias):
-            return inputs.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
-
-        if fold:  # (x W_e + b_e) W_k + b_k = x (W_e W_k) + (b_e W_k + b_k), per head
-            key_kernel = jnp.einsum("chd,ds->chs", w_e.reshape(dim, heads, head_dim), w_k)
-            key_bias = b_e.reshape(heads, head_dim) @ w_k + b_k
-            # merge(a W_v + b_v) W_o + b_o = a (W_v W_o per head) + (b_v sum_h W_o_h + b_o)
-            w_o_heads = w_o.reshape(heads, head_dim, dim)
-            value_kernel = jnp.einsum("sd,hdo->hso", w_v, w_o_heads)
-            value_bias = b_v @ jnp.sum(w_o_heads, axis=0) + b_o
-
-            def to_logits(x):  # [b, N, dim] -> [b, N, h, S]
-                logits = dense(x, key_kernel.reshape(dim, -1), key_bias.reshape(-1))
-                return logits.reshape(*x.shape[:2], heads, slots)
-
-            def from_weights(attn):  # [b, N, h, S] -> [b, N, dim]
-                merged = attn.reshape(*attn.shape[:2], heads * slots)
-                return dense(merged, value_kernel.reshape(-1, dim), value_bias)
-        else:
-            def to_logits(x):
-                queries = dense(x, w_e, b_e).reshape(*x.shape[:2], heads, head_dim)
-                return dense(queries, w_k, b_k)
-
-            def from_weights(attn):
-                values = dense(attn, w_v, b_v)  # [b, N, h, head_dim]
-                return dense(values.reshape(*attn.shape[:2], inner), w_o, b_o)  # merge heads
-
-        def attention(x, keep):  # one chunk of examples: [b, N, dim] -> [b, N, dim]
-            weights = double_normalize(to_logits(x), token_axis=1)
-            return from_weights(apply_dropout(weights, keep, self.attention_dropout))
-
-        keep = keep_mask(self, self.attention_dropout, (batch, tokens, heads, slots), train)
-        y = map_in_chunks(attention, num_chunks(batch, tokens * heads * slots * 4), x, keep)
-        return nn.Dropout(self.projection_dropout)(y, deterministic=not train)
+        x = dense(heads * head_dim, name="expand")(x)  # [B, N, h * d]
+        x = x.reshape(batch, tokens, heads, head_dim)  # split heads: [B, N, h, d]
+        attn = dense(self.memory_slots, name="memory_key")(x)  # M_k: [B, N, h, S]
+        attn = double_normalize(attn, token_axis=1)  # softmax over N, then L1 over S
+        attn = nn.Dropout(self.attention_dropout, name="attention_dropout")(
+            attn, deterministic=not train)
+        x = dense(head_dim, name="memory_value")(attn)  # M_v: [B, N, h, d]
+        x = x.reshape(batch, tokens, heads * head_dim)  # merge heads: [B, N, h * d]
+        x = dense(dim, name="out")(x)  # [B, N, dim]
+        return nn.Dropout(self.projection_dropout, name="projection_dropout")(
+            x, deterministic=not train)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array | None,
-           rate: float) -> jax.Array:
-    """softmax(q k^T) v with dropout on the weights: [B, h, N, d] x 3 -> [B, h, N, d].
-
-    `q` comes scaled; the softmax is in float32; `keep` [B, h, N, N] is the dropout's keep mask
-    (`keep_mask`) for dropout `rate`, or None.
-    """
-    scores = q @ k.swapaxes(-1, -2)  # [B, h, N, N]
-    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-    return apply_dropout(weights, keep, rate).astype(v.dtype) @ v
-
-
-def multi_head_self_attention(params: dict, x: jax.Array, keep: jax.Array | None, *,
-                              rate: float, dtype: Dtype) -> jax.Array:
-    """Projections, attention, output projection: x [B, N, c] -> [B, N, c].
-
-    `params` maps query/key/value to (kernel [c, h, d], bias [h, d]) and out to (kernel [h, d, c],
-    bias [c]). The projections produce heads first, [B, h, N, d], so that both attention products
-    are plain batched matmuls (with the heads in the middle XLA:CPU laid the weights-times-values
-    product out transposed and ran the attention a third slower on the tutorial's shapes).
-    """
-    x = x.astype(dtype)
-
-    def project(name):  # [B, N, c] -> [B, h, N, d]
-        kernel, bias = params[name]
-        return (jnp.einsum("bnc,chd->bhnd", x, kernel.astype(dtype))
-                + bias[:, None, :].astype(dtype))
-
-    q, k, v = project("query"), project("key"), project("value")
-    q = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)
-    attended = attend(q, k, v, keep, rate)
-    kernel, bias = params["out"]
-    return jnp.einsum("bhnd,hdc->bnc", attended, kernel.astype(dtype)) + bias.astype(dtype)
-
-
-class SelfAttention(nn.Module):
-    """Keras `MultiHeadAttention(num_heads, key_dim=dim)` self-attention: [B, N, d] -> [B, N, d].
+def self_attention(num_heads: int, dim: int, attention_dropout: float, dtype: Dtype,
+                   attention_fn: Callable, name: str) -> nn.MultiHeadDotProductAttention:
+    """Keras `MultiHeadAttention(num_heads, key_dim=dim)` as flax's layer: [B, N, dim] -> [B, N, dim].
 
     Query/key/value projections to [heads, dim] with bias, scores scaled by 1/sqrt(dim), softmax in
-    float32, dropout on the weights, output projection from [heads, dim] to dim with bias. As in the
-    tutorial's ViT baseline, there is no dropout after the output projection. The parameters are
-    stored as `nn.DenseGeneral` stores them. On CPU the layer runs a few examples at a time
-    (`chunking.py`); the dropout mask is drawn for the whole batch first, so it does not depend on
-    the chunking.
+    float32, dropout on the weights (a mask per example: `broadcast_dropout=False`), output projection
+    from [heads, dim] to dim with bias; Keras' Glorot fans for the rank-3 kernels. As in the
+    tutorial's ViT baseline, there is no dropout after the output projection.
     """
-
-    num_heads: int
-    attention_dropout: float
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, *, train: bool):
-        batch, tokens, dim = x.shape
-        heads = self.num_heads
-        params = {name: DenseParams(dim, (heads, dim), name=name)()
-                  for name in ("query", "key", "value")}
-        params["out"] = DenseParams((heads, dim), dim, name="out")()
-        keep = keep_mask(self, self.attention_dropout, (batch, heads, tokens, tokens), train)
-        layer = functools.partial(multi_head_self_attention, params, rate=self.attention_dropout,
-                                  dtype=self.dtype)
-        return map_in_chunks(layer, attention_chunks(batch, heads, tokens, tokens), x, keep)
+    return nn.MultiHeadDotProductAttention(
+        num_heads, dtype=dtype, qkv_features=num_heads * dim, out_features=dim,
+        broadcast_dropout=False, dropout_rate=attention_dropout, force_fp32_for_softmax=True,
+        kernel_init=keras_glorot((dim, num_heads, dim)),
+        out_kernel_init=keras_glorot((num_heads, dim, dim)), attention_fn=attention_fn, name=name)
 
 
 class Mlp(nn.Module):
@@ -297,18 +162,21 @@ class EncoderBlock(nn.Module):
     attention: str
     gelu_approximate: bool
     dtype: Dtype = jnp.float32
+    external_attention: ModuleDef = ExternalAttention
+    attention_fn: Callable = nn.dot_product_attention
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         layer_norm = functools.partial(nn.LayerNorm, epsilon=1e-5, dtype=jnp.float32)
+        y = layer_norm()(x)
         if self.attention == "external":
-            attend = ExternalAttention(self.num_heads, self.dim_coefficient, self.memory_slots,
-                                       self.attention_dropout, self.projection_dropout,
-                                       dtype=self.dtype, name="attention")
+            y = self.external_attention(
+                self.num_heads, self.dim_coefficient, self.memory_slots, self.attention_dropout,
+                self.projection_dropout, dtype=self.dtype, name="attention")(y, train=train)
         else:
-            attend = SelfAttention(self.num_heads, self.attention_dropout, dtype=self.dtype,
-                                   name="attention")
-        x = x + attend(layer_norm()(x), train=train)
+            y = self_attention(self.num_heads, x.shape[-1], self.attention_dropout, self.dtype,
+                               self.attention_fn, name="attention")(y, deterministic=not train)
+        x = x + y
         return x + Mlp(self.mlp_dim, self.projection_dropout, self.gelu_approximate,
                        dtype=self.dtype)(layer_norm()(x), train=train)
 
@@ -336,6 +204,9 @@ class EANet(nn.Module):
     memory_slots: int
     gelu_approximate: bool = False
     dtype: Dtype = jnp.float32
+    # The layers (attn_jax.fast has speed versions with the same parameters: config.model.impl).
+    external_attention: ModuleDef = ExternalAttention
+    attention_fn: Callable = nn.dot_product_attention  # the self-attention's softmax(q k^T / sqrt(d)) v
 
     def __post_init__(self):
         if self.attention not in ATTENTION_TYPES:
@@ -360,7 +231,9 @@ class EANet(nn.Module):
         for i in range(self.num_blocks):
             x = EncoderBlock(self.mlp_dim, self.num_heads, self.dim_coefficient, self.memory_slots,
                              self.attention_dropout, self.projection_dropout, self.attention,
-                             self.gelu_approximate, dtype=self.dtype, name=f"block{i}")(
+                             self.gelu_approximate, dtype=self.dtype,
+                             external_attention=self.external_attention,
+                             attention_fn=self.attention_fn, name=f"block{i}")(
                 x, train=train)
         pooled = jnp.mean(x.astype(jnp.float32), axis=1)  # [B, dim]
         logits = nn.Dense(self.num_classes, kernel_init=glorot, dtype=jnp.float32,

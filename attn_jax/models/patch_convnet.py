@@ -54,9 +54,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attn_jax.models.conv import Conv
-
 Dtype = Any
+ModuleDef = Any
 gelu = functools.partial(nn.gelu, approximate=False)
 # timm trunc_normal_(std=.02): truncated at an absolute +-2 = +-100 std, so in effect normal(0.02).
 normal_02 = nn.initializers.normal(stddev=0.02)
@@ -74,13 +73,13 @@ def torch_conv_bias(fan_in: int):
     return init
 
 
-def torch_conv(features: int, kernel: int, in_features: int, *, stride: int = 1,
+def torch_conv(conv: ModuleDef, features: int, kernel: int, in_features: int, *, stride: int = 1,
                groups: int = 1, use_bias: bool = True, dtype: Dtype, name: str | None = None):
-    """A `Conv` (`nn.Conv` with a fast kernel gradient on CPU, models/conv.py) with PyTorch's padding
-    (kernel // 2 each side) and default initialisation."""
+    """A `conv` (`nn.Conv`, or `attn_jax.fast.Conv`) with PyTorch's padding (kernel // 2 each side)
+    and default initialisation."""
     fan_in = in_features // groups * kernel * kernel
     pad = kernel // 2
-    return Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+    return conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
                 feature_group_count=groups, use_bias=use_bias, kernel_init=torch_conv_kernel,
                 bias_init=torch_conv_bias(fan_in), dtype=dtype, name=name)
 
@@ -107,6 +106,7 @@ class ConvStem(nn.Module):
     dim: int
     num_convs: int
     dtype: Dtype = jnp.float32
+    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, x):
@@ -115,7 +115,7 @@ class ConvStem(nn.Module):
         for i, features in enumerate(widths):
             if i:
                 x = gelu(x)
-            x = torch_conv(features, 3, in_features, stride=2, use_bias=False, dtype=self.dtype)(x)
+            x = torch_conv(self.conv, features, 3, in_features, stride=2, use_bias=False, dtype=self.dtype)(x)
             in_features = features
         return x.astype(jnp.float32)
 
@@ -125,14 +125,15 @@ class SqueezeExcite(nn.Module):
     [B, H, W, C] -> [B, H, W, C]."""
 
     dtype: Dtype = jnp.float32
+    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, x):
         channels = x.shape[-1]
         reduced = round(channels * 0.25)
         s = jnp.mean(x, axis=(1, 2), keepdims=True)
-        s = nn.relu(torch_conv(reduced, 1, channels, dtype=self.dtype, name="reduce")(s))
-        s = nn.sigmoid(torch_conv(channels, 1, reduced, dtype=self.dtype, name="expand")(s))
+        s = nn.relu(torch_conv(self.conv, reduced, 1, channels, dtype=self.dtype, name="reduce")(s))
+        s = nn.sigmoid(torch_conv(self.conv, channels, 1, reduced, dtype=self.dtype, name="expand")(s))
         return x * s
 
 
@@ -143,15 +144,16 @@ class TrunkBlock(nn.Module):
     layer_scale_init: float
     drop_path_rate: float
     dtype: Dtype = jnp.float32
+    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         dim = x.shape[-1]
         y = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32)(x)
-        y = gelu(torch_conv(dim, 1, dim, dtype=self.dtype)(y))
-        y = gelu(torch_conv(dim, 3, dim, groups=dim, dtype=self.dtype, name="depthwise")(y))
-        y = SqueezeExcite(dtype=self.dtype)(y)
-        y = torch_conv(dim, 1, dim, dtype=self.dtype)(y)
+        y = gelu(torch_conv(self.conv, dim, 1, dim, dtype=self.dtype)(y))
+        y = gelu(torch_conv(self.conv, dim, 3, dim, groups=dim, dtype=self.dtype, name="depthwise")(y))
+        y = SqueezeExcite(dtype=self.dtype, conv=self.conv)(y)
+        y = torch_conv(self.conv, dim, 1, dim, dtype=self.dtype)(y)
         y = LayerScale(self.layer_scale_init)(y)
         # Drop-path: one Bernoulli(keep) per sample, kept samples scaled by 1 / keep.
         y = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3), name="drop_path")(
@@ -216,12 +218,13 @@ class PatchConvNet(nn.Module):
     mlp_ratio: float
     attention_dropout: float
     dtype: Dtype = jnp.float32
+    conv: ModuleDef = nn.Conv  # or attn_jax.fast.Conv (same parameters): config.model.impl
 
     @nn.compact
     def __call__(self, images, *, train: bool):
-        x = ConvStem(self.dim, self.stem_convs, dtype=self.dtype, name="stem")(images)
+        x = ConvStem(self.dim, self.stem_convs, dtype=self.dtype, conv=self.conv, name="stem")(images)
         for i in range(self.depth):
-            x = TrunkBlock(self.layer_scale_init, self.drop_path_rate, dtype=self.dtype,
+            x = TrunkBlock(self.layer_scale_init, self.drop_path_rate, dtype=self.dtype, conv=self.conv,
                            name=f"block_{i}")(x, train=train)
         patches = x.reshape(x.shape[0], -1, self.dim)
         cls, attention = ClassAttentionBlock(self.mlp_ratio, self.layer_scale_init,

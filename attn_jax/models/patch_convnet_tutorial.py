@@ -14,7 +14,9 @@ Differences from the paper (implemented in `patch_convnet.py`): a two-conv stem 
 (not depthwise) 3x3 conv, squeeze-excite by Dense layers without bias at ratio 1/8, no layer-scale or
 drop-path, a LayerNorm over [cls; patches] before attention, and a Dense-GELU-Dense-GELU class MLP.
 Initialisers follow Keras (Glorot-uniform kernels, with Keras' fans for the attention's rank-3
-kernels: `keras_glorot`; zero biases, zero class token) and GELU is exact (erf), as in `tf.nn.gelu`.
+kernels: `keras_init.keras_glorot`; zero biases, zero class token) and GELU is exact (erf), as in
+`tf.nn.gelu`. The convolutions are `nn.Conv` (the `conv` field: `config.model.impl` may give
+`attn_jax.fast.Conv`, the same layer with a faster kernel gradient on CPU).
 
 The trunk's weights are shared (`tie_trunk`). The tutorial's `Trunk.build` makes ONE list of layers
 and wraps that same list `depth` times (`[keras.Sequential(trunk_block) for _ in
@@ -32,28 +34,12 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from attn_jax.models.conv import Conv
+from attn_jax.models.keras_init import glorot, keras_glorot
 
 Dtype = Any
+ModuleDef = Any
 gelu = functools.partial(nn.gelu, approximate=False)
-glorot = nn.initializers.xavier_uniform()
 SHARED_BLOCK = "TrunkBlock_shared"  # the trunk block of `tie_trunk=True`
-
-
-def keras_glorot(kernel_shape: tuple[int, ...]):
-    """Glorot-uniform with the fans Keras gives a kernel of `kernel_shape`, for `nn.DenseGeneral`
-    (which hands its initialiser the kernel flattened to a matrix).
-
-    Keras takes a rank-3 kernel for a conv kernel: MultiHeadAttention's query [d, heads, key_dim]
-    gets fan_in = heads * d and fan_out = key_dim * d (Flax's `xavier_uniform` on the full shape
-    computes the same), so with one head of key_dim d its std is sqrt(2 / (d + d^2)), not the
-    matrix's sqrt(1 / d): 11x smaller at d = 256. That is what the tutorial ran with (tf.keras;
-    recent Keras 3, e.g. 3.15.1, gives EinsumDense's initialiser the input and output axes instead).
-    """
-    def init(key, shape, dtype=jnp.float32):
-        return glorot(key, kernel_shape, dtype).reshape(shape)
-
-    return init
 
 
 class ConvStem(nn.Module):
@@ -61,11 +47,12 @@ class ConvStem(nn.Module):
 
     dim: int
     dtype: Dtype = jnp.float32
+    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, x):
         for features in (self.dim // 2, self.dim):
-            x = Conv(features, (3, 3), strides=2, padding="SAME", kernel_init=glorot,
+            x = self.conv(features, (3, 3), strides=2, padding="SAME", kernel_init=glorot,
                      dtype=self.dtype)(x)
             x = gelu(x)
         return x
@@ -93,11 +80,12 @@ class TrunkBlock(nn.Module):
 
     se_ratio: int
     dtype: Dtype = jnp.float32
+    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, x):
         dim = x.shape[-1]
-        conv = functools.partial(Conv, dim, padding="SAME", kernel_init=glorot, dtype=self.dtype)
+        conv = functools.partial(self.conv, dim, padding="SAME", kernel_init=glorot, dtype=self.dtype)
         y = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32)(x)
         y = gelu(conv((1, 1))(y))
         y = gelu(conv((3, 3))(y))
@@ -167,14 +155,16 @@ class PatchConvNetTutorial(nn.Module):
     mlp_dropout: float
     tie_trunk: bool
     dtype: Dtype = jnp.float32
+    conv: ModuleDef = nn.Conv  # or attn_jax.fast.Conv (same parameters): config.model.impl
 
     @nn.compact
     def __call__(self, images, *, train: bool):
-        x = ConvStem(self.dim, dtype=self.dtype)(images)
+        x = ConvStem(self.dim, dtype=self.dtype, conv=self.conv)(images)
+        block = functools.partial(TrunkBlock, self.se_ratio, dtype=self.dtype, conv=self.conv)
         if self.tie_trunk:  # one module, so one set of weights, called `depth` times
-            blocks = [TrunkBlock(self.se_ratio, dtype=self.dtype, name=SHARED_BLOCK)] * self.depth
+            blocks = [block(name=SHARED_BLOCK)] * self.depth
         else:  # TrunkBlock_0 ... TrunkBlock_{depth-1}
-            blocks = [TrunkBlock(self.se_ratio, dtype=self.dtype) for _ in range(self.depth)]
+            blocks = [block() for _ in range(self.depth)]
         for block in blocks:
             x = block(x)
         patches = x.reshape(x.shape[0], -1, self.dim)

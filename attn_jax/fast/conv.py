@@ -1,4 +1,4 @@
-"""A 2-D convolution whose kernel gradient is a matrix multiply: a drop-in for `nn.Conv`.
+"""A 2-D convolution whose kernel gradient is a matrix multiply: `Conv`, a drop-in for `nn.Conv`.
 
 XLA:CPU runs a convolution's forward pass and its input gradient near matrix-multiply speed, but
 the kernel gradient (a convolution contracting over batch and space) falls back to a slow loop: on
@@ -12,8 +12,10 @@ forward pass. `conv_general_dilated` here computes the same function with a cust
   that tap sees, flattened to [B * Ho * Wo, C], transposed times the output gradient [B * Ho * Wo, O]:
   kh * kw matmuls with a long contraction, which XLA:CPU runs at matmul speed.
 
-Only the plain case on CPU is rerouted (NHWC inputs, HWIO kernel, no dilation, one feature group);
-any other call, and every call on GPU or TPU, goes to `lax.conv_general_dilated` unchanged. The
+Only the plain case is rerouted (NHWC inputs, HWIO kernel, no dilation, one feature group); any
+other call (the paper's depthwise convs among them) goes to `lax.conv_general_dilated` unchanged.
+`config.model.impl` "auto" uses it on CPU only (`models.layers_for`): GPUs and TPUs have fast kernel
+gradients of their own. The
 parameters, their names and their shapes are `nn.Conv`'s (`Conv` is `nn.Conv` with this function),
 so checkpoints and parameter counts do not change; the result equals `lax`'s up to float summation
 order (a test checks values and gradients).
@@ -90,9 +92,8 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None):
-    """`lax.conv_general_dilated`'s signature; the plain NHWC/HWIO case goes through `conv2d` on
-    CPU (GPUs and TPUs have fast kernel gradients of their own and keep `lax`'s)."""
-    plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and dimension_numbers == _NHWC
+    """`lax.conv_general_dilated`'s signature; the plain NHWC/HWIO case goes through `conv2d`."""
+    plain = (lhs.ndim == 4 and dimension_numbers == _NHWC
              and feature_group_count == 1 and batch_group_count == 1
              and precision is None and preferred_element_type is None
              and all(d == 1 for d in (lhs_dilation or (1, 1)))
@@ -108,4 +109,4 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     return conv2d(lhs, rhs, strides, pads)
 
 
-Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)  # nn.Conv, same params

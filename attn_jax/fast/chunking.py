@@ -13,11 +13,11 @@ and the train steps ran 1.07-1.13x (ViT) and 1.25x (EANet) as fast
 
 The result is the same function: each example's attention is computed alone in both forms, and the
 dropout mask is drawn for the whole batch before it is split, so it does not depend on the chunking.
-GPUs and TPUs keep one whole-batch computation (`num_chunks` is 1 there).
+`config.model.impl` "auto" chunks on CPU only (`models.layers_for`): GPUs and TPUs keep one
+whole-batch computation, the reference layers'.
 """
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import jax
 
@@ -25,27 +25,14 @@ import jax
 # baseline's attention (forward and backward, batch 128, 2-core EPYC with 1 MiB L2 per core and a
 # 32 MiB L3): 4 MiB (4 examples) beat 1, 2, 8, 16 and 32 MiB and the whole batch.
 CHUNK_BYTES = 4 * 2 ** 20
-_whole_batch = False  # set by `whole_batch()`
-
-
-@contextlib.contextmanager
-def whole_batch() -> Iterator[None]:
-    """Models traced inside compute every batch whole (`num_chunks` is 1). For XLA's cost analysis,
-    which counts a loop's body once however many times it runs; trace a fresh `jax.jit` inside."""
-    global _whole_batch
-    previous, _whole_batch = _whole_batch, True
-    try:
-        yield
-    finally:
-        _whole_batch = previous
 
 
 def num_chunks(batch: int, bytes_per_example: int, devices: int | None = None) -> int:
-    """How many chunks to split a (global) batch into: 1 off CPU, else the fewest chunks whose
-    per-device share of `bytes_per_example * batch` fits in `CHUNK_BYTES`. The count divides the
-    per-device batch, so every chunk is a whole number of examples on every device."""
+    """How many chunks to split a (global) batch into: the fewest whose per-device share of
+    `bytes_per_example * batch` fits in `CHUNK_BYTES`. The count divides the per-device batch, so
+    every chunk is a whole number of examples on every device (1 when the batch does not divide)."""
     devices = devices or jax.device_count()
-    if _whole_batch or jax.default_backend() != "cpu" or batch % devices:
+    if batch % devices:
         return 1
     local = batch // devices
     fitting = (n for n in range(1, local + 1)

@@ -1,0 +1,24 @@
+"""Speed versions of the reference layers, for the machines where they were measured faster.
+
+Each has the parameters of the layer it replaces (same names, shapes and initial values) and
+computes the same function, outputs and gradients, dropout included (`tests/test_fast_equivalence.py`);
+only the order and the grouping of the arithmetic differ:
+
+- `ExternalAttention` (for `models.eanet.ExternalAttention`): the memories folded into the outer
+  Dense layers where that saves multiply-adds, and the attention computed a few examples at a time.
+- `chunked_dot_product_attention` (for `nn.dot_product_attention`, the ViT baseline's
+  `attention_fn`): the [heads, N, N] weights computed a few examples at a time, in cache.
+- `Conv` (for `nn.Conv`): the kernel gradient as matrix multiplies.
+- `threefry.use_unrolled_threefry_on_cpu`: JAX's random-bit hash without its rolled loop on CPU,
+  installed by `launch.py`, not on import.
+
+The models take these as fields; `attn_jax.models.layers_for` chooses them from `config.model.impl`
+("auto": on CPU).
+"""
+
+from attn_jax.fast.attention import ExternalAttention, chunked_dot_product_attention
+from attn_jax.fast.conv import Conv
+from attn_jax.fast.threefry import use_unrolled_threefry_on_cpu
+
+__all__ = ["Conv", "ExternalAttention", "chunked_dot_product_attention",
+           "use_unrolled_threefry_on_cpu"]

@@ -1,0 +1,159 @@
+"""The EANet paper's two attentions, computed faster on CPU than their reference forms.
+
+- `ExternalAttention` computes `models.eanet.ExternalAttention` (same parameters) with the linear
+  maps on either side of the double normalisation composed where that saves multiply-adds
+  (`fold_memories`) and a few examples at a time (`chunking.py`: the softmax over tokens then reads
+  each example's weights from cache).
+- `chunked_dot_product_attention` is `nn.dot_product_attention` (as `nn.MultiHeadDotProductAttention`
+  calls it: its `attention_fn`) a few examples at a time, in a heads-first layout, so the
+  [heads, N, N] weights of each chunk stay in cache.
+
+Both draw their dropout mask for the whole batch, from the same random key and of the same shape as
+the reference layer, before splitting it: the chunking does not change it, and the fast layer drops
+exactly what the reference one drops.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attn_jax.fast.chunking import map_in_chunks, num_chunks
+from attn_jax.models.eanet import Dtype, double_normalize
+from attn_jax.models.keras_init import glorot
+
+
+class DenseParams(nn.Module):
+    """An `nn.Dense` layer's variables, created but not applied: () -> (kernel [in, out], bias [out]),
+    with the same names, shapes and initial values (Glorot-uniform kernel, zero bias)."""
+
+    in_features: int
+    out_features: int
+
+    @nn.compact
+    def __call__(self):
+        kernel = self.param("kernel", glorot, (self.in_features, self.out_features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.out_features,), jnp.float32)
+        return kernel, bias
+
+
+def fold_memories(dim: int, heads: int, head_dim: int, memory_slots: int) -> bool:
+    """Whether folding the memories into the outer Dense layers saves multiply-adds.
+
+    Per token, the reference order costs dim*inner (expand) + inner*S (M_k, all heads) + inner*S
+    (M_v) + inner*dim (out), with inner = heads * head_dim; the folded maps cost dim*heads*S twice.
+    For the tutorial (dim 64, 16 heads of 16, S = 16) folding costs 32,768 instead of 40,960 and
+    replaces the 16-wide memory matmuls, slow on CPU, by 256-wide ones; for the paper's S = 64 it
+    would cost 131,072 instead of 65,536, so the memories are then applied as in the reference.
+    """
+    inner = heads * head_dim
+    return dim * heads * memory_slots <= dim * inner + inner * memory_slots
+
+
+def drop(weights: jax.Array, keep: jax.Array | None, rate: float) -> jax.Array:
+    """`nn.Dropout` with a given keep mask (None: nothing dropped). Same shape."""
+    if keep is None:
+        return weights
+    return jnp.where(keep, weights / (1.0 - rate), 0.0)
+
+
+class ExternalAttention(nn.Module):
+    """`models.eanet.ExternalAttention`, folded and chunked: [B, N, dim] -> [B, N, dim].
+
+    Folded (when `fold_memories` says it is cheaper): expand then M_k become one [dim, heads * S]
+    kernel, M_v then out one [heads * S, dim] kernel; the same function of the same parameters.
+    """
+
+    num_heads: int
+    dim_coefficient: int
+    memory_slots: int
+    attention_dropout: float
+    projection_dropout: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        batch, tokens, dim = x.shape
+        heads = self.num_heads * self.dim_coefficient
+        inner = dim * self.dim_coefficient
+        head_dim, slots = inner // heads, self.memory_slots
+        w_e, b_e = DenseParams(dim, inner, name="expand")()
+        w_k, b_k = DenseParams(head_dim, slots, name="memory_key")()
+        w_v, b_v = DenseParams(slots, head_dim, name="memory_value")()
+        w_o, b_o = DenseParams(inner, dim, name="out")()
+
+        def dense(inputs, kernel, bias):
+            return inputs.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+
+        if fold_memories(dim, heads, head_dim, slots):
+            # (x W_e + b_e) W_k + b_k = x (W_e W_k) + (b_e W_k + b_k), per head
+            key_kernel = jnp.einsum("chd,ds->chs", w_e.reshape(dim, heads, head_dim), w_k)
+            key_bias = b_e.reshape(heads, head_dim) @ w_k + b_k
+            # merge(a W_v + b_v) W_o + b_o = a (W_v W_o per head) + (b_v sum_h W_o_h + b_o)
+            w_o_heads = w_o.reshape(heads, head_dim, dim)
+            value_kernel = jnp.einsum("sd,hdo->hso", w_v, w_o_heads)
+            value_bias = b_v @ jnp.sum(w_o_heads, axis=0) + b_o
+
+            def to_logits(x):  # [b, N, dim] -> [b, N, h, S]
+                logits = dense(x, key_kernel.reshape(dim, -1), key_bias.reshape(-1))
+                return logits.reshape(*x.shape[:2], heads, slots)
+
+            def from_weights(attn):  # [b, N, h, S] -> [b, N, dim]
+                merged = attn.reshape(*attn.shape[:2], heads * slots)
+                return dense(merged, value_kernel.reshape(-1, dim), value_bias)
+        else:
+            def to_logits(x):
+                queries = dense(x, w_e, b_e).reshape(*x.shape[:2], heads, head_dim)
+                return dense(queries, w_k, b_k)
+
+            def from_weights(attn):
+                values = dense(attn, w_v, b_v)  # [b, N, h, head_dim]
+                return dense(values.reshape(*attn.shape[:2], inner), w_o, b_o)  # merge heads
+
+        def attention(x, keep):  # one chunk of examples: [b, N, dim] -> [b, N, dim]
+            weights = double_normalize(to_logits(x), token_axis=1)
+            return from_weights(drop(weights, keep, self.attention_dropout))
+
+        keep = None
+        if train and self.attention_dropout > 0:  # the reference's mask: same module, same key
+            ones = jnp.ones((batch, tokens, heads, slots), jnp.float32)
+            keep = nn.Dropout(self.attention_dropout, name="attention_dropout")(
+                ones, deterministic=False) > 0
+        y = map_in_chunks(attention, num_chunks(batch, tokens * heads * slots * 4), x, keep)
+        return nn.Dropout(self.projection_dropout, name="projection_dropout")(
+            y, deterministic=not train)
+
+
+def chunked_dot_product_attention(query, key, value, *, dropout_rng=None, dropout_rate=0.0,
+                                  broadcast_dropout=True, deterministic=False, dtype=None,
+                                  force_fp32_for_softmax=False):
+    """`nn.dot_product_attention` a few examples at a time: q, k, v [B, N, h, d] -> [B, N, h, d].
+
+    For `nn.MultiHeadDotProductAttention(attention_fn=...)`, which passes the keywords it accepts.
+    No mask or bias (the ViT baseline has none); the dropout mask per example
+    (`broadcast_dropout=False`) is drawn for the whole batch as the reference draws it.
+    """
+    if broadcast_dropout and not deterministic and dropout_rate > 0:
+        raise ValueError("chunked_dot_product_attention draws a dropout mask per example: build "
+                         "the attention with broadcast_dropout=False")
+    dtype = dtype or query.dtype
+    batch, queries, heads, _ = query.shape
+    keys = key.shape[1]
+    keep = None
+    if not deterministic and dropout_rate > 0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (batch, heads, queries, keys))
+
+    def attend(q, k, v, keep):  # one chunk, heads first: [b, N, h, d] -> [b, N, h, d]
+        q, k, v = (t.astype(dtype).swapaxes(1, 2) for t in (q, k, v))  # [b, h, N, d]
+        q = q / jnp.sqrt(q.shape[-1]).astype(dtype)
+        scores = q @ k.swapaxes(-1, -2)  # [b, h, N, N]
+        if force_fp32_for_softmax:
+            weights = jax.nn.softmax(scores.astype(jnp.float32))
+        else:
+            weights = jax.nn.softmax(scores).astype(dtype)
+        if keep is not None:
+            multiplier = keep.astype(dtype) / jnp.asarray(1.0 - dropout_rate, dtype)
+            weights = weights * multiplier
+        return (weights @ v.astype(weights.dtype)).swapaxes(1, 2)  # [b, N, h, d]
+
+    return map_in_chunks(attend, num_chunks(batch, heads * queries * keys * 4),
+                         query, key, value, keep)

@@ -1,0 +1,151 @@
+"""Each speed layer of `attn_jax.fast` computes its reference layer: the same parameters (names,
+shapes and initial values), outputs and gradients, in training with dropout, and whole models built
+with config.model.impl = "fast" equal the reference ones.
+
+The fast attentions compute a few examples at a time; the tests force that split
+(`CHUNK_BYTES` = 1: one example per chunk per device) so the chunked path is the one compared.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_experiment
+
+from attn_jax import fast, models
+from attn_jax.fast import attention as fast_attention
+from attn_jax.fast import chunking
+from attn_jax.models import eanet
+
+close = functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=2e-5)
+
+
+@pytest.fixture
+def in_chunks(monkeypatch):
+    """Every fast attention split into the most chunks (one example per device in each)."""
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 1)
+
+
+def assert_same_function(reference: nn.Module, candidate: nn.Module, x: jax.Array, **call):
+    """Same parameters from the same key; same output and same gradients (parameters and input)
+    in training, with dropout; and the dropout did drop something."""
+    init = functools.partial(reference.init, jax.random.key(1), x, **call)
+    params = init(**_mode(reference, train=False))["params"]
+    candidate_params = candidate.init(jax.random.key(1), x, **call,
+                                      **_mode(candidate, train=False))["params"]
+    assert jax.tree.structure(candidate_params) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, candidate_params, params)
+
+    def loss(module, params, x, train=True):
+        y = module.apply({"params": params}, x, **call, **_mode(module, train),
+                         rngs={"dropout": jax.random.key(2)})
+        y = y[0] if isinstance(y, tuple) else y
+        return jnp.sum(jnp.sin(y)), y
+
+    expected = jax.value_and_grad(functools.partial(loss, reference), argnums=(0, 1),
+                                  has_aux=True)(params, x)
+    got = jax.value_and_grad(functools.partial(loss, candidate), argnums=(0, 1),
+                             has_aux=True)(params, x)
+    jax.tree.map(close, got, expected)
+    without_dropout = loss(reference, params, x, train=False)[1]
+    assert np.abs(expected[0][1] - without_dropout).max() > 1e-3  # dropout was applied
+
+
+def _mode(module: nn.Module, train: bool) -> dict:
+    """Flax's attention takes `deterministic`, attn_jax's layers `train`."""
+    if isinstance(module, nn.MultiHeadDotProductAttention):
+        return {"deterministic": not train}
+    return {"train": train}
+
+
+@pytest.mark.parametrize("slots, folded", [(5, True), (32, False)])
+def test_external_attention(in_chunks, slots, folded):
+    """The tutorial's S = 16 is folded (cheaper), the paper's S = 64 not: both orders are checked."""
+    assert fast_attention.fold_memories(8, 4, 4, slots) == folded
+    fields = dict(num_heads=2, dim_coefficient=2, memory_slots=slots, attention_dropout=0.3,
+                  projection_dropout=0.2)
+    x = jax.random.normal(jax.random.key(0), (2 * jax.device_count(), 9, 8))
+    assert chunking.num_chunks(len(x), 4 * 9 * 4 * slots) == 2
+    assert_same_function(eanet.ExternalAttention(**fields), fast.ExternalAttention(**fields), x,)
+
+
+def test_chunked_dot_product_attention(in_chunks):
+    """The ViT baseline's self-attention with `attention_fn` swapped: flax's layer either way."""
+    layer = functools.partial(eanet.self_attention, num_heads=2, dim=8, attention_dropout=0.3,
+                              dtype=jnp.float32, name=None)
+    x = jax.random.normal(jax.random.key(0), (2 * jax.device_count(), 6, 8))
+    assert_same_function(layer(attention_fn=nn.dot_product_attention),
+                         layer(attention_fn=fast.chunked_dot_product_attention), x)
+
+
+def test_chunked_attention_refuses_a_broadcast_dropout_mask():
+    q = jnp.ones((2, 3, 1, 4))
+    with pytest.raises(ValueError, match="broadcast_dropout=False"):
+        fast.chunked_dot_product_attention(q, q, q, dropout_rng=jax.random.key(0),
+                                           dropout_rate=0.5, broadcast_dropout=True)
+
+
+@pytest.mark.parametrize("kernel,strides,padding", [
+    ((1, 1), 1, "SAME"),  # a plain matmul
+    ((3, 3), 1, "SAME"),  # the trunk's 3x3
+    ((3, 3), 2, "SAME"),  # the stem's strided 3x3 (asymmetric SAME padding)
+    ((2, 2), 2, "VALID"),  # a patchify
+    ((3, 3), 1, ((2, 0), (1, 1))),  # explicit padding
+    ((3, 3), 2, ((1, 1), (1, 1))),  # the paper's stem (PyTorch padding)
+])
+def test_conv(kernel, strides, padding):
+    class Convs(nn.Module):  # the layer under test, with a dropout so the helper's check applies
+        conv: type
+
+        @nn.compact
+        def __call__(self, x, *, train):
+            y = self.conv(4, kernel, strides=strides, padding=padding)(x)
+            return nn.Dropout(0.5)(y, deterministic=not train)
+
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 5))
+    assert_same_function(Convs(nn.Conv), Convs(fast.Conv), x)
+
+
+TUTORIAL_MODELS = {  # experiment -> overrides that make it tiny
+    "patch_convnet": dict(dim=16),
+    "eanet": dict(dim=8, mlp_dim=8, num_blocks=2, num_heads=2),
+    "vit": dict(dim=8, mlp_dim=8, num_blocks=2, num_heads=2),
+}
+
+
+@pytest.mark.parametrize("name", TUTORIAL_MODELS)
+def test_tutorial_models_fast_equals_reference(in_chunks, name):
+    config = load_experiment(name)
+    config.model.update(TUTORIAL_MODELS[name])
+    size = 16
+    reference, candidate = (models.create_model(config, 10, impl=impl)
+                            for impl in ("reference", "fast"))
+    x = jax.random.uniform(jax.random.key(0), (jax.device_count(), size, size, 3))
+    assert_same_function(reference, candidate, x)
+
+
+def test_paper_model_fast_equals_reference():
+    config = load_experiment("patch_convnet_paper_cifar")
+    config.model.update(dim=16, depth=2, drop_path_rate=0.5, attention_dropout=0.3,
+                        layer_scale_init=0.5)  # so the dropouts show
+    reference, candidate = (models.create_model(config, 10, impl=impl)
+                            for impl in ("reference", "fast"))
+    x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
+    assert_same_function(reference, candidate, x)
+
+
+def test_auto_is_fast_on_cpu_and_reference_elsewhere():
+    assert models.resolve_impl("auto", "cpu") == "fast"
+    assert models.resolve_impl("auto", "gpu") == "reference"
+    assert models.resolve_impl("auto", "tpu") == "reference"
+    assert models.resolve_impl("reference", "cpu") == "reference"
+    assert models.layers_for("reference", "cpu") == {}
+    assert models.layers_for("fast", "gpu")["conv"] is fast.Conv
+    config = load_experiment("eanet")
+    config.model.impl = "reference"
+    assert models.create_model(config, 100).external_attention is eanet.ExternalAttention
+    config.model.impl = "fast"
+    assert models.create_model(config, 100).external_attention is fast.ExternalAttention
