@@ -27,7 +27,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from attn_jax import (
-    atomic,
     attention_maps,
     checkpoint,
     data,
@@ -615,22 +614,3 @@ def _log_start(log: MetricsLog, run: Run, ckpt: checkpoint.Checkpointer, resumed
              f"{config.steps_per_call} step(s) per call, training data "
              f"{'on the devices' if run.feed.resident else 'streamed'}; eval step compiled in "
              f"{compile_seconds:.1f}s")
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best",
-                        split: str = "test", mesh: Mesh | None = None) -> dict[str, float]:
-    """Restores checkpoint `which` ('best', 'latest' or a step) of `workdir` and evaluates it on
-    `split`; writes `workdir/eval_<which>_<split>.json`."""
-    workdir = Path(workdir)
-    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep, read_only=True)
-    step = ckpt.resolve(which)
-    run = build_run(config, create_mesh() if mesh is None else mesh, workdir)
-    run.state, _ = ckpt.restore(step, run.state, zero_sums(run.mesh),
-                                checkpoint.model_description(config))
-    run.compile()
-    metrics = {"step": step, "checkpoint": which, **_prefixed(split, run.evaluate(split))}
-    if jax.process_index() == 0:
-        path = workdir / f"eval_{which}_{split}.json"
-        atomic.write_text(path, json.dumps(metrics, indent=2) + "\n")
-    ckpt.close()
-    return metrics
