@@ -1,0 +1,132 @@
+"""The train and eval steps as a run builds them, on synthetic data, and their timing."""
+
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from attn_jax import data, models, train
+
+
+def raw_image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """The dataset's stored image shape, from tfds' metadata (no download); (size, size, 3) if the
+    dataset does not fix it."""
+    import tensorflow_datasets as tfds
+
+    try:
+        shape = tfds.builder(config.dataset.name, data_dir=config.dataset.data_dir).info.features[
+            config.dataset.image_key].shape
+    except Exception:  # noqa: BLE001  (an unknown dataset: fall back to the model's input size)
+        shape = None
+    if not shape or None in shape:
+        shape = (config.preprocess.size, config.preprocess.size, 3)
+    return tuple(int(s) for s in shape)
+
+
+def synthetic_batch(size: int, image_shape, num_classes: int, mesh, seed: int = 0) -> dict:
+    """A global batch of random uint8 images and labels on `mesh`, every example real (mask True)."""
+    rng = np.random.default_rng(seed)
+    local = size // jax.process_count()
+    return data.to_global({"images": rng.integers(0, 256, (local, *image_shape), dtype=np.uint8),
+                           "labels": rng.integers(0, num_classes, local).astype(np.int32),
+                           "mask": np.ones(local, bool)}, mesh)
+
+
+def initial_state(config: ml_collections.ConfigDict, mesh, impl: str | None = None) -> tuple:
+    """(model, initial train state on `mesh`, train key), built as a run builds them but without
+    data (the model from the layers `impl` chooses, default config.model.impl): the learning-rate
+    schedule assumes 1000 steps (its values do not change the speed)."""
+    model = models.create_model(config, config.dataset.num_classes, impl=impl)
+    tx = train.create_optimizer(config.optimizer,
+                                train.create_learning_rate_fn(config.optimizer, 1000))
+    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    size = config.preprocess.size
+    return model, train.create_train_state(model, tx, init_key, (size, size, 3), mesh), train_key
+
+
+def placeholder_stats(config: ml_collections.ConfigDict):
+    """Per-channel statistics for "standardize" (their values do not change the speed), or None."""
+    if config.preprocess.normalize != "standardize":
+        return None
+    return {"mean": jnp.full((3,), 127.5, jnp.float32), "std": jnp.full((3,), 64.0, jnp.float32)}
+
+
+def compile_step(fn, *args) -> tuple[object, float, float]:
+    """(compiled, lower seconds, compile seconds) of the jitted `fn` on `args`."""
+    start = time.perf_counter()
+    lowered = fn.lower(*args)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, lowered_at - start, time.perf_counter() - lowered_at
+
+
+class Stepper:
+    """Calls a compiled train step on the same arguments, the train state carried from call to call
+    (the step donates it): `stepper()` steps once and returns the new state, to wait on."""
+
+    def __init__(self, compiled, state, *args):
+        self.compiled, self.state, self.args = compiled, state, args
+
+    def __call__(self):
+        self.state, _ = self.compiled(self.state, *self.args)
+        return self.state
+
+
+def time_step(call: Callable[[], object], warmup: int, repeats: int, steps: int,
+              probe: Callable[[], float] | None = None) -> tuple[list[float], list[float]]:
+    """Seconds per call of `call` (which must return what to wait on), `repeats` times over `steps`
+    consecutive calls after `warmup` untimed ones; and, if given, `probe()` (the peak FLOP/s) run
+    right after each timing, so that each timing has a peak measured at the same moment."""
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    per_step, peaks = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = call()
+        jax.block_until_ready(out)
+        per_step.append((time.perf_counter() - start) / steps)
+        if probe is not None:
+            peaks.append(probe())
+    return per_step, peaks
+
+
+def step_report(seconds: list[float], peaks: list[float], batch: int, flops: float,
+                model_flops_per_image: float, lower_s: float, compile_s: float) -> dict:
+    """Images/s and FLOP/s from the median step time; MFU as the median over the timings of each
+    timing's FLOP/s over the peak measured beside it (on a shared machine both drift together)."""
+    step = statistics.median(seconds)
+
+    def mfu(flops_per_step: float) -> float | None:
+        if not peaks:
+            return None
+        return statistics.median(flops_per_step / (s * p) for s, p in zip(seconds, peaks, strict=True))
+
+    return {
+        "images_per_s": batch / step,
+        "step_ms": 1e3 * step,
+        "step_ms_all": [round(1e3 * s, 2) for s in seconds],
+        "peak_flops_per_s_all": peaks,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "flops_per_image": flops / batch,
+        "flops_per_s": flops / step,
+        "mfu": mfu(flops),
+        "model_flops_per_image": model_flops_per_image,
+        "model_flops_per_s": model_flops_per_image * batch / step,
+        "mfu_model": mfu(model_flops_per_image * batch),
+    }
+
+
+def format_step(name: str, r: dict) -> str:
+    """The console line of a step's report."""
+    mfu = f"MFU {100 * r['mfu']:.1f}% (model FLOPs: {100 * r['mfu_model']:.1f}%)" \
+        if r["mfu"] is not None else "MFU n/a (unknown device peak)"
+    return (f"{name} step: {r['images_per_s']:.1f} images/s ({r['step_ms']:.0f} ms/step), "
+            f"{r['flops_per_image'] / 1e9:.3f} GFLOP/image (XLA; model "
+            f"{r['model_flops_per_image'] / 1e9:.3f}), {r['flops_per_s'] / 1e9:.1f} GFLOP/s, "
+            f"{mfu}; compiled in {r['lower_s'] + r['compile_s']:.1f}s")
