@@ -134,8 +134,10 @@ def main(argv: list[str]) -> None:
         _require_workdir()  # before any work
     try:
         from attn_jax import distributed, validate
+        from attn_jax.fast.threefry import use_unrolled_threefry_on_cpu
 
         validate.check(config)  # every value, before any work
+        use_unrolled_threefry_on_cpu()  # dropout masks at GPU speed on CPU: the same bits, faster
 
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                _DISTRIBUTED.value)
@@ -166,25 +168,20 @@ def _run_mode(config) -> None:
             signal.signal(sig, _stop_on_signal)
     if _SWEEP.value:
         _sweep()
-    elif _MODE.value == "summary":
-        from attn_jax.commands import summarize
+        return
+    from attn_jax import modes  # the modes other than training
 
-        summarize(config)
+    if _MODE.value == "summary":
+        modes.summarize(config)
     elif _MODE.value == "eval":
-        from attn_jax.train import evaluate_checkpoint
-
-        metrics = evaluate_checkpoint(config, _require_workdir(), _CHECKPOINT.value)
+        metrics = modes.evaluate_checkpoint(config, _require_workdir(), _CHECKPOINT.value)
         print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in metrics.items()))
     elif _MODE.value == "attend":
-        from attn_jax.attention_maps import attend, format_result
-
-        for result in attend(config, _require_workdir(), _IMAGE.value, _CHECKPOINT.value):
-            print(format_result(result))
+        for result in modes.attend(config, _require_workdir(), _IMAGE.value, _CHECKPOINT.value):
+            print(modes.format_result(result))
     elif _MODE.value == "benchmark":
-        from attn_jax.benchmark import benchmark
-
-        benchmark(config, _WORKDIR.value)
+        modes.benchmark(config, _WORKDIR.value)
     elif _MODE.value == "train":
         from attn_jax.train import TrainingDiverged, train_and_evaluate
 

@@ -14,7 +14,8 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import ROOT, load_experiment, preempted_when
 
-from attn_jax import benchmark, checkpoint, train
+from attn_jax import checkpoint, modes, train
+from attn_jax.bench.compilations import count_compilations
 from attn_jax.errors import UserError
 
 # A tiny PatchConvNet on 480 digits: 30 steps per epoch, 2 epochs, a checkpoint every 10 steps and
@@ -138,12 +139,12 @@ def jax_leaves(tree):
 
 def test_eval_mode_reproduces_the_final_test_metrics(digits_data_dir, finished_run):
     workdir, final = finished_run
-    metrics = train.evaluate_checkpoint(_config(digits_data_dir), str(workdir), "latest")
+    metrics = modes.evaluate_checkpoint(_config(digits_data_dir), str(workdir), "latest")
     assert metrics["step"] == 60
     for key in ("test/loss", "test/top1", "test/top5"):
         assert metrics[key] == final[key]
     assert json.loads((workdir / "eval_latest_test.json").read_text())["test/top1"] == final["test/top1"]
-    best = train.evaluate_checkpoint(_config(digits_data_dir), str(workdir), "best")
+    best = modes.evaluate_checkpoint(_config(digits_data_dir), str(workdir), "best")
     best_val = max(r["val/top1"] for r in _records(workdir) if "val/top1" in r)
     val_at_best = [r["val/top1"] for r in _records(workdir) if r["step"] == best["step"] and "val/top1" in r]
     assert val_at_best == [best_val]
@@ -158,7 +159,7 @@ def test_checkpoint_of_another_model_is_refused_and_left_intact(digits_data_dir,
                                         r"vs config 24\)"):
         train.train_and_evaluate(config, str(workdir))
     with pytest.raises(UserError, match="different model"):
-        train.evaluate_checkpoint(config, str(workdir), "latest")
+        modes.evaluate_checkpoint(config, str(workdir), "latest")
     after = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
     assert after == before  # nothing written, nothing overwritten
 
@@ -175,7 +176,7 @@ def test_run_saved_in_the_tf_data_order_is_refused_but_evaluates(tmp_path, digit
     ckpt.close()
     with pytest.raises(UserError, match="data_order: checkpoint None vs config 'permutation-v1'"):
         train.train_and_evaluate(config, str(workdir))
-    assert train.evaluate_checkpoint(config, str(workdir), "latest")["step"] == 0
+    assert modes.evaluate_checkpoint(config, str(workdir), "latest")["step"] == 0
 
 
 def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, digits_data_dir,
@@ -187,7 +188,7 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, digits_
     for path in (workdir / "checkpoints" / str(steps[-1]) / "state").rglob("*"):
         if path.is_file():
             path.write_bytes(b"garbage")
-    with benchmark.count_compilations() as compilations:
+    with count_compilations() as compilations:
         final = train.train_and_evaluate(_config(digits_data_dir), str(workdir))
     # A resumed run compiles each step once: the partial last evaluation batch (val: 120 = 64 + 56)
     # is padded to the compiled shape, and the val and test splits share the eval step.

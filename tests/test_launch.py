@@ -12,6 +12,7 @@ def _launch(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_summary_ends_with_the_tutorial_parameter_count():
     result = _launch("--config=experiments/patch_convnet.py", "--mode=summary")
     assert result.returncode == 0, result.stderr
@@ -20,6 +21,7 @@ def test_summary_ends_with_the_tutorial_parameter_count():
     assert any(line.startswith("forward FLOPs per image") for line in lines)
 
 
+@pytest.mark.slow
 def test_misspelled_config_key_is_one_line_and_exit_2():
     result = _launch("--config=experiments/patch_convnet.py", "--mode=summary",
                      "--config.model.dimm=3")
@@ -29,6 +31,7 @@ def test_misspelled_config_key_is_one_line_and_exit_2():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, line", [
     (["--config=experiments/nope.py", "--workdir=WORKDIR"],
      "error: --config: no such experiment file 'experiments/nope.py'"),

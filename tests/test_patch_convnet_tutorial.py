@@ -11,7 +11,7 @@ import pytest
 from conftest import load_experiment
 from initialisers import check_initialisers, keras_glorot_bound
 
-from attn_jax import checkpoint, commands, summary, train
+from attn_jax import checkpoint, models, modes, summary
 from attn_jax.errors import UserError
 
 
@@ -24,12 +24,12 @@ def test_the_experiment_builds_the_tied_trunk_the_tutorial_trained():
 def test_parameter_count_matches_the_tutorial(tie_trunk, expected):
     config = load_experiment("patch_convnet")
     config.model.tie_trunk = tie_trunk
-    model = train.create_model(config, config.dataset.num_classes)
+    model = models.create_model(config, config.dataset.num_classes)
     assert summary.total_params(model, (48, 48, 3)) == expected
 
 
 def test_summary_names_every_module_and_the_total(capsys):
-    commands.summarize(load_experiment("patch_convnet"))  # what --mode=summary prints
+    modes.summarize(load_experiment("patch_convnet"))  # what --mode=summary prints
     text = capsys.readouterr().out.strip()
     lines = text.splitlines()
     assert lines[-1] == "total params: 1,436,426"
@@ -45,9 +45,9 @@ def test_summary_names_every_module_and_the_total(capsys):
 def test_summary_of_the_untied_trunk():
     config = load_experiment("patch_convnet")
     config.model.tie_trunk = False
-    tied_text = summary.format_summary(train.create_model(load_experiment("patch_convnet"), 10),
+    tied_text = summary.format_summary(models.create_model(load_experiment("patch_convnet"), 10),
                                        (48, 48, 3))
-    text = summary.format_summary(train.create_model(config, 10), (48, 48, 3))
+    text = summary.format_summary(models.create_model(config, 10), (48, 48, 3))
     assert text.splitlines()[-1] == "total params: 2,174,986"
     assert text.splitlines()[-2] == "trunk: 2 independent blocks (tie_trunk=False)"
     assert "TrunkBlock_1/Conv_1" in text and "TrunkBlock_shared" not in text
@@ -64,8 +64,8 @@ def _tiny(tie_trunk: bool, depth: int = 2):
 
 def test_untied_parameter_tree_is_unchanged_and_tied_has_one_block():
     images = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
-    untied = train.create_model(_tiny(False, depth=3), 10)
-    tied = train.create_model(_tiny(True, depth=3), 10)
+    untied = models.create_model(_tiny(False, depth=3), 10)
+    tied = models.create_model(_tiny(True, depth=3), 10)
     untied_params = jax.eval_shape(lambda x: untied.init(jax.random.key(0), x, train=False),
                                    images)["params"]
     tied_params = jax.eval_shape(lambda x: tied.init(jax.random.key(0), x, train=False),
@@ -80,7 +80,7 @@ def test_untied_parameter_tree_is_unchanged_and_tied_has_one_block():
 
 def test_tied_trunk_is_the_untied_one_with_every_block_equal():
     """The tied model computes exactly the untied model whose blocks all hold the shared weights."""
-    tied, untied = (train.create_model(_tiny(t), 10) for t in (True, False))
+    tied, untied = (models.create_model(_tiny(t), 10) for t in (True, False))
     images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
     params = tied.init(jax.random.key(1), images, train=False)["params"]
     params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape), params)
@@ -115,7 +115,7 @@ def test_checkpoint_of_the_other_trunk_variant_is_refused(tmp_path):
     """checkpoint.model_description holds config.model, so tie_trunk must agree to restore."""
     images = jnp.zeros((1, 16, 16, 3))
     configs = {t: _tiny(t) for t in (True, False)}
-    states = {t: _State(jnp.array(1), train.create_model(c, 10).init(
+    states = {t: _State(jnp.array(1), models.create_model(c, 10).init(
         jax.random.key(0), images, train=False)["params"]) for t, c in configs.items()}
     sums = {"count": jnp.zeros(())}
     for saved, other in ((True, False), (False, True)):
@@ -137,7 +137,7 @@ def test_checkpoint_of_the_other_trunk_variant_is_refused(tmp_path):
 def test_shapes_and_attention_map():
     config = load_experiment("patch_convnet")
     config.model.dim = 32
-    model = train.create_model(config, 10)
+    model = models.create_model(config, 10)
     images = jax.random.uniform(jax.random.key(0), (3, 48, 48, 3))
     variables = model.init(jax.random.key(1), images, train=False)
     # Randomise the zero-initialised class token so the attention is not uniform.
@@ -156,7 +156,7 @@ def test_shapes_and_attention_map():
 def test_dropout_only_in_training():
     config = load_experiment("patch_convnet")
     config.model.dim = 16
-    model = train.create_model(config, 10)
+    model = models.create_model(config, 10)
     images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
     variables = model.init(jax.random.key(1), images, train=False)
     apply = jax.jit(model.apply, static_argnames="train")
@@ -183,7 +183,7 @@ def keras_init(keys, shape, parent):
 def test_initialisers_match_keras(tie_trunk):
     config = _tiny(tie_trunk)
     config.model.dim = 32
-    model = train.create_model(config, 10)
+    model = models.create_model(config, 10)
     params = jax.jit(functools.partial(model.init, train=False))(
         jax.random.key(0, impl="rbg"), jnp.zeros((1, 16, 16, 3)))["params"]
     assert check_initialisers(params, keras_init).keys() == {"uniform"}
@@ -193,7 +193,7 @@ def test_checkpoint_from_before_tie_trunk_restores_as_untied_only(tmp_path):
     """A description without model.tie_trunk was saved by the untied model, the only one then."""
     images = jnp.zeros((1, 16, 16, 3))
     configs = {t: _tiny(t) for t in (True, False)}
-    states = {t: _State(jnp.array(1), train.create_model(c, 10).init(
+    states = {t: _State(jnp.array(1), models.create_model(c, 10).init(
         jax.random.key(0), images, train=False)["params"]) for t, c in configs.items()}
     sums = {"count": jnp.zeros(())}
     old = checkpoint.model_description(configs[False])

@@ -1,11 +1,12 @@
-"""attn_jax/summary.py and the two paper-family experiments, all abstract (no weights, no data)."""
+"""attn_jax/summary.py and the paper-family CIFAR experiment, all abstract (no weights, no data);
+`--mode=summary` of the S60 ImageNet experiment is in test_modes.py."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 from conftest import load_experiment
 
-from attn_jax import commands, summary, train
+from attn_jax import models, summary
 from attn_jax.models import get_model
 
 XLA_LINE = "forward FLOPs per image (XLA cost analysis: all ops, multiply-add = 2): "
@@ -32,23 +33,11 @@ def test_format_summary_prints_both_flop_conventions():
     assert text.splitlines()[-1] == f"total params: {summary.count_params(variables['params']):,}"
 
 
-def test_s60_imagenet_experiment_builds_s60_and_summarizes_without_data(capsys):
-    config = load_experiment("patch_convnet_s60_imagenet")
-    assert config.model.name == "S60" and config.dataset.name == "imagenet2012"
-    assert config.optimizer.learning_rate == pytest.approx(5e-4 * config.batch_size / 512)
-    assert config.optimizer.warmup_fraction * config.num_epochs == pytest.approx(5)
-    commands.summarize(config)  # abstract: no dataset is read
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "model: S60 (1000 classes)"
-    assert lines[-1] == "total params: 25,231,096"  # published: 25.2M
-    assert _value("\n".join(lines), PAPER_LINE) == pytest.approx(4.0, rel=0.01)  # published 4.0
-
-
 @pytest.mark.parametrize("arg, patches", [(None, 8 * 8), ("smoke", 4 * 4)])
 def test_paper_cifar_experiment_builds(arg, patches):
     config = load_experiment("patch_convnet_paper_cifar", arg)
     assert config.model.name == "patch_convnet"
-    model = train.create_model(config, config.dataset.num_classes)
+    model = models.create_model(config, config.dataset.num_classes)
     size = config.preprocess.size
     assert summary.total_params(model, (size, size, 3)) > 0
     variables = summary.abstract_variables(model, (size, size, 3))

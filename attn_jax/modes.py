@@ -1,0 +1,165 @@
+"""The modes of `launch.py` other than training, each one function of the config.
+
+- `summarize` (--mode=summary): the parameter table and forward FLOPs, abstractly (no data).
+- `evaluate_checkpoint` (--mode=eval): a saved checkpoint's metrics on a split.
+- `attend` (--mode=attend): a saved checkpoint's top-5 classes and attention map on any image file,
+  drawn beside it (`attention_maps.render_side_by_side`), with `format_result` its console lines.
+- `benchmark` (--mode=benchmark): how fast the steps and the input pipeline run (`attn_jax.bench`).
+
+This module uses the training package (`train.build_run` builds a run as training does); nothing
+there imports it.
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from attn_jax import atomic, attention_maps, bench, checkpoint, data, inference, models, summary, train
+from attn_jax.errors import UserError
+
+
+def summarize(config: ml_collections.ConfigDict) -> None:
+    """--mode=summary: the parameter table per module, forward FLOPs per image and the total."""
+    num_classes = config.dataset.num_classes
+    model = models.create_model(config, num_classes)
+    size = config.preprocess.size
+    print(f"model: {config.model.name} ({num_classes} classes)")
+    print(summary.format_summary(model, (size, size, 3)))
+
+
+def benchmark(config: ml_collections.ConfigDict, workdir: str | None = None, mesh=None) -> dict:
+    """--mode=benchmark: `attn_jax.bench.run`, which prints its figures and with `workdir` writes
+    them to DIR/benchmark.json."""
+    return bench.run(config, workdir, mesh)
+
+
+def _restored_run(config: ml_collections.ConfigDict, workdir: Path, which: str,
+                  mesh=None) -> tuple[train.Run, int]:
+    """(the run of `workdir` built as training builds it, with checkpoint `which` ('best', 'latest'
+    or a step) restored into its state; that checkpoint's step). Nothing is written."""
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep, read_only=True)
+    try:
+        step = ckpt.resolve(which)
+        run = train.build_run(config, train.create_mesh() if mesh is None else mesh, workdir)
+        run.state, _ = ckpt.restore(step, run.state, train.zero_sums(run.mesh),
+                                    checkpoint.model_description(config))
+    finally:
+        ckpt.close()
+    return run, step
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best",
+                        split: str = "test", mesh=None) -> dict[str, float]:
+    """--mode=eval: restores checkpoint `which` ('best', 'latest' or a step) of `workdir` and
+    evaluates it on `split`; writes `workdir/eval_<which>_<split>.json`."""
+    workdir = Path(workdir)
+    run, step = _restored_run(config, workdir, which, mesh)
+    run.compile()
+    metrics = {"step": step, "checkpoint": which,
+               **{f"{split}/{k}": v for k, v in run.evaluate(split).items()}}
+    if jax.process_index() == 0:
+        path = workdir / f"eval_{which}_{split}.json"
+        atomic.write_text(path, json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# --mode=attend
+# ---------------------------------------------------------------------------------------------
+def attend(config: ml_collections.ConfigDict, workdir: str | Path, paths: list[str],
+           which: str = "best", mesh=None) -> list[dict]:
+    """--mode=attend: the attention map and top-5 classes of the trained model on each image.
+
+    Restores checkpoint `which` ('best', 'latest' or a step) of `workdir`, resizes each image to the
+    dataset's image size, preprocesses it as evaluation does, and writes `workdir/attend/<name>.png`,
+    the image beside its overlay. Returns, per image,
+    {"image", "output", "top5": [(class name, probability), ...]}.
+    """
+    if not paths:
+        raise UserError("--mode=attend needs at least one --image=PATH")
+    paths = [Path(p) for p in paths]
+    originals = [read_image(p) for p in paths]  # bad files fail before anything slow
+    if not inference.has_attention_map(config):
+        raise UserError(f"model {config.model.name!r} has no attention map: --mode=attend needs a "
+                        "PatchConvNet (config.model.name patch_convnet_tutorial, patch_convnet or "
+                        "a preset such as S60)")
+    workdir = Path(workdir)
+    run, step = _restored_run(config, workdir, which, mesh)
+    size = run.splits["train"].image_shape[:2]  # the dataset's image size (after image_size)
+    images = np.stack([inference.to_model_input(image, size) for image in originals])
+    probs, attention = inference.predict(run.model, run.state.params, images, config.preprocess,
+                                         run.stats)
+    names = data.class_names(config.dataset)
+    results = []
+    for path, name, original, p, a in zip(paths, _output_names(paths), originals, probs, attention,
+                                         strict=True):
+        top5 = [(names[i], float(p[i])) for i in np.argsort(-p)[:5]]
+        output = workdir / "attend" / f"{name}.png"
+        title = (f"{path.name}: {top5[0][0]} ({top5[0][1]:.1%}); model input {size[1]}x{size[0]} "
+                 f"-> {config.preprocess.size}x{config.preprocess.size}, checkpoint step {step}")
+        if jax.process_index() == 0:
+            attention_maps.render_side_by_side(original, a, output, title)
+        results.append({"image": str(path), "output": str(output), "top5": top5})
+    return results
+
+
+def format_result(result: dict) -> str:
+    """The console lines of one `attend` result: the image, its PNG and the top-5 classes."""
+    lines = [f"{result['image']} -> {result['output']}"]
+    width = max(len(name) for name, _ in result["top5"])
+    lines += [f"  {rank}. {name:<{width}}  {prob:.4f}"
+              for rank, (name, prob) in enumerate(result["top5"], 1)]
+    return "\n".join(lines)
+
+
+def _output_names(paths: list[Path]) -> list[str]:
+    """File stems, made unique: a/cat.jpg, b/cat.png -> cat, cat_2."""
+    names, seen = [], {}
+    for path in paths:
+        seen[path.stem] = seen.get(path.stem, 0) + 1
+        names.append(path.stem if seen[path.stem] == 1 else f"{path.stem}_{seen[path.stem]}")
+    return names
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """The --image file, any image PIL reads (JPEG, PNG, ...) -> uint8 RGB [H, W, 3]: EXIF rotation
+    applied, grayscale and palette expanded, transparency composited onto white; a file that is
+    missing or no image is a `UserError` naming the flag."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"--image={path}: no such file")
+    if path.is_dir():
+        raise UserError(f"--image={path}: is a directory, not an image file")
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            if img.mode.startswith("I") or img.mode == "F":  # 16- or 32-bit grey levels
+                return _deep_grey_to_rgb(img, path)
+            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                rgba = img.convert("RGBA")
+                img = Image.new("RGB", rgba.size, (255, 255, 255))
+                img.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                img = img.convert("RGB")
+            return np.asarray(img, np.uint8)
+    except UnidentifiedImageError:
+        raise UserError(f"--image={path}: not an image file (PIL cannot identify it)") from None
+    except OSError as e:  # truncated or corrupt image data
+        raise UserError(f"--image={path}: cannot read the image ({e})") from None
+
+
+def _deep_grey_to_rgb(img: Image.Image, path: Path) -> np.ndarray:
+    """A 16-bit grey image (PNG, TIFF: PIL modes "I;16*", or "I" holding 0..65535) rescaled to
+    0..255, not clipped (PIL's convert("RGB") turns every level above 255 white); deeper or floating
+    point grey levels have no fixed range and are refused."""
+    levels = np.asarray(img)
+    if img.mode == "F" or (img.mode == "I" and (levels.min() < 0 or levels.max() > 65535)):
+        raise UserError(f"--image={path}: {img.mode!r} grey levels beyond 16 bits have no fixed "
+                        "range: save it as an 8- or 16-bit image")
+    grey = np.round(levels.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
