@@ -17,6 +17,8 @@ def raw_image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     dataset does not fix it."""
     import tensorflow_datasets as tfds
 
+    import attn_jax.datasets  # noqa: F401  (registers the datasets attn_jax ships)
+
     try:
         shape = tfds.builder(config.dataset.name, data_dir=config.dataset.data_dir).info.features[
             config.dataset.image_key].shape
