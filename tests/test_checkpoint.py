@@ -137,6 +137,7 @@ def jax_leaves(tree):
     return jax.tree.leaves(tree)
 
 
+@pytest.mark.slow
 def test_eval_mode_reproduces_the_final_test_metrics(digits_data_dir, finished_run):
     workdir, final = finished_run
     metrics = modes.evaluate_checkpoint(_config(digits_data_dir), str(workdir), "latest")
@@ -150,6 +151,7 @@ def test_eval_mode_reproduces_the_final_test_metrics(digits_data_dir, finished_r
     assert val_at_best == [best_val]
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_refused_and_left_intact(digits_data_dir, finished_run):
     workdir, _ = finished_run
     before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
@@ -164,6 +166,7 @@ def test_checkpoint_of_another_model_is_refused_and_left_intact(digits_data_dir,
     assert after == before  # nothing written, nothing overwritten
 
 
+@pytest.mark.slow
 def test_run_saved_in_the_tf_data_order_is_refused_but_evaluates(tmp_path, digits_data_dir,
                                                                  finished_run):
     """Checkpoints from before the one permutation per epoch (tf.data's shuffle, no `data_order`)
@@ -179,6 +182,7 @@ def test_run_saved_in_the_tf_data_order_is_refused_but_evaluates(tmp_path, digit
     assert modes.evaluate_checkpoint(config, str(workdir), "latest")["step"] == 0
 
 
+@pytest.mark.slow
 def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, digits_data_dir,
                                                                finished_run, capsys):
     workdir = tmp_path / "corrupted"
@@ -207,6 +211,7 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, digits_
         train.train_and_evaluate(_config(digits_data_dir), str(workdir))
 
 
+@pytest.mark.slow
 def test_a_finished_run_relaunched_changes_nothing(tmp_path, digits_data_dir, finished_run, capsys):
     """Relaunched (even with another batch size, or with its checkpoints gone), a finished run says
     so and writes nothing; a workdir with logs but no checkpoint is not started afresh."""
@@ -228,6 +233,7 @@ def test_a_finished_run_relaunched_changes_nothing(tmp_path, digits_data_dir, fi
         train.train_and_evaluate(_config(digits_data_dir), str(workdir))
 
 
+@pytest.mark.slow
 def test_a_relaunch_with_another_config_is_refused_and_the_run_recorded(tmp_path, digits_data_dir,
                                                                          finished_run):
     """DIR/run.json records the config, commit, versions and devices; resuming with a config that
@@ -277,6 +283,7 @@ def test_a_run_preempted_on_one_device_resumes_on_eight(tmp_path, digits_data_di
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)  # near-zero weights: Adam
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_last_checkpoint_and_the_relaunch_resumes_exactly(
         tmp_path, digits_data_dir, finished_run, monkeypatch):
     """An OSError mid-run (here ENOSPC while writing metrics.jsonl at step 25) stops the run; the
@@ -318,6 +325,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_relaunch_resumes_exactly(
     assert _records(workdir) == _records(finished_run[0])
 
 
+@pytest.mark.slow
 def test_signals_before_the_first_step_and_while_finishing(tmp_path, digits_data_dir, monkeypatch,
                                                            capsys):
     """SIGTERM during compilation: nothing written, a line saying so. SIGTERM while the results are

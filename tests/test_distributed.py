@@ -116,6 +116,7 @@ def _write_sweep_experiment(path, data_dir, count):
         small={**SMALL, "log_every_steps": 5}, count=count)))
 
 
+@pytest.mark.slow
 def test_sweep_dry_run_prints_one_command_per_point(tmp_path, digits_data_dir):
     experiment = tmp_path / "exp.py"
     _write_sweep_experiment(experiment, digits_data_dir, 4)
@@ -130,6 +131,7 @@ def test_sweep_dry_run_prints_one_command_per_point(tmp_path, digits_data_dir):
     assert not (tmp_path / "sweep").exists()  # a dry run trains nothing
 
 
+@pytest.mark.slow
 def test_sweep_runs_skips_resumes_and_reports(tmp_path, digits_data_dir):
     from attn_jax import sweep
 

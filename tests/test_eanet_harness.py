@@ -36,6 +36,7 @@ def tiny_eanet_config(attention: str):
     return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["external", "self"])
 def test_train_steps_under_mock_data(tmp_path, attention):
     config = tiny_eanet_config(attention)

@@ -13,6 +13,7 @@ from attn_jax import data, models, train
 from attn_jax.errors import UserError
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_writes_every_output(tmp_path, tiny_config):
     config = tiny_config()
     with tfds.testing.mock_data(num_examples=48):
@@ -100,6 +101,7 @@ def test_weight_decay_conventions(tiny_config, mode, factor):
     np.testing.assert_allclose(optax.apply_updates(params, updates)["w"], factor, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run(tmp_path, tiny_config):
     config = tiny_config(**{"optimizer.learning_rate": 1e30, "optimizer.schedule": "constant",
                             "log_every_steps": 1})

@@ -79,6 +79,7 @@ def test_an_unknown_field_is_refused():
         validate.check(config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, line", [
     ("--config.num_epochs=-3", "error: config.num_epochs is -3: use an integer >= 1"),
     ("--config.loss.label_smoothing=1.5",

@@ -23,6 +23,7 @@ def test_a_second_run_in_a_live_workdir_is_refused(tmp_path):
     assert not (tmp_path / "run.lock").exists()  # released with its run
 
 
+@pytest.mark.slow
 def test_a_stale_lock_is_taken_over_with_a_line(tmp_path, capsys):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
