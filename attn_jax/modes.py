@@ -23,9 +23,11 @@ from attn_jax.errors import UserError
 
 
 def summarize(config: ml_collections.ConfigDict) -> None:
-    """--mode=summary: the parameter table per module, forward FLOPs per image and the total."""
+    """--mode=summary: the parameter table per module, forward FLOPs per image and the total, of
+    the model's reference form (the fast layers have the same parameters, and folded memories that
+    would count fewer FLOPs)."""
     num_classes = config.dataset.num_classes
-    model = models.create_model(config, num_classes)
+    model = models.create_model(config, num_classes, impl="reference")
     size = config.preprocess.size
     print(f"model: {config.model.name} ({num_classes} classes)")
     print(summary.format_summary(model, (size, size, 3)))

@@ -46,3 +46,41 @@ def test_paper_cifar_experiment_builds(arg, patches):
         lambda v, x: model.apply(v, x, train=False), variables, images)
     assert logits.shape == (2, 10)
     assert attention.shape == (2, patches)
+
+
+def _patch_convnet_tutorial_macs(size=48, d=256, depth=2, se_ratio=8, classes=10) -> int:
+    """Multiply-adds of the tutorial PatchConvNet's forward pass, layer by layer."""
+    stem = (size // 2) ** 2 * (d // 2) * 3 * 3 * 3 + (size // 4) ** 2 * d * 3 * 3 * (d // 2)
+    n = (size // 4) ** 2  # patches
+    block = n * d * d + n * d * 9 * d + 2 * d * (d // se_ratio) + n * d * d
+    pooling = (d * d + 2 * (n + 1) * d * d  # q from the class token, k and v from [cls; patches]
+               + 2 * (n + 1) * d  # scores and the weighted sum
+               + d * d + 2 * d * d)  # output projection, class MLP
+    return stem + depth * block + pooling + d * classes
+
+
+def _eanet_macs(attention: str, size=32, p=2, d=64, mlp=64, heads=4, coef=4, blocks=8,
+                classes=100) -> int:
+    """Multiply-adds of the EANet tutorial's model or its ViT baseline, in the reference form."""
+    n = (size // p) ** 2
+    if attention == "external":  # expand, M_k and M_v over heads*coef heads, out
+        inner, h = d * coef, heads * coef
+        slots = d // coef
+        attend = n * d * inner + 2 * n * h * (inner // h) * slots + n * inner * d
+    else:  # q, k, v to [heads, d], scores, weighted sum, out
+        attend = 3 * n * d * heads * d + 2 * heads * n * n * d + n * heads * d * d
+    return n * p * p * 3 * d + blocks * (attend + 2 * n * d * mlp) + d * classes
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("patch_convnet", _patch_convnet_tutorial_macs()),
+    ("eanet", _eanet_macs("external")),
+    ("vit", _eanet_macs("self")),
+])
+def test_tutorial_models_count_exactly_their_multiply_adds(name, expected):
+    """The paper-convention count is exact: every conv and matmul of the reference form, no more."""
+    config = load_experiment(name)
+    model = models.create_model(config, config.dataset.num_classes, impl="reference")
+    image = (config.preprocess.size, config.preprocess.size, 3)
+    variables = summary.abstract_variables(model, image)
+    assert summary.forward_macs(model, variables, image) == expected

@@ -134,7 +134,9 @@ def _time_steps(config: ml_collections.ConfigDict, mesh, opts: dict, probe, repo
             eval_compiled, *eval_build = steps.compile_step(eval_fn, stepper.state, eval_batch, stats)
             eval_times = steps.time_step(lambda: eval_compiled(stepper.state, eval_batch, stats),
                                          *timing)
-    forward = flops.model_flops(model, (config.preprocess.size, config.preprocess.size, 3))
+    forward = flops.model_flops(models.create_model(config, config.dataset.num_classes,
+                                                    impl="reference"),
+                                (config.preprocess.size, config.preprocess.size, 3))
     count = functools.partial(flops.xla_flops, config=config, num_devices=mesh.devices.size)
     report["train"] = steps.step_report(
         *train_times, config.batch_size,

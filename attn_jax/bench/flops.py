@@ -35,7 +35,8 @@ def xla_flops(step: Callable, compiled, state, *args, config: ml_collections.Con
 
 
 def model_flops(model, image_shape: tuple[int, int, int]) -> float:
-    """FLOPs of one image's forward pass counting only its convolutions and matrix products, 2 per
+    """FLOPs of one image's forward pass of `model` (its reference form: `impl="reference"`; the
+    fast EANet's folded memories would count fewer) counting only its convolutions and matrix products, 2 per
     multiply-add (`summary.forward_macs`): the usual MFU numerator, 3 forward passes for a train
     step (forward, input and weight gradients) and one for eval; element-wise work is not counted."""
     return 2.0 * summary.forward_macs(model, summary.abstract_variables(model, image_shape),
