@@ -48,13 +48,26 @@ def tiny_patch_convnet_config(**overrides):
     config.model.depth = 1
     config.model.se_ratio = 4
     config.dataset.read_workers = 0  # decode in the test's process (grain workers: launch.py tests)
+    return with_overrides(config, overrides)
+
+
+def with_overrides(config, overrides: dict):
+    """`config` with `overrides` set, by dotted key as --config.KEY=VALUE sets them:
+    {"model.dim": 16, "batch_size": 32}. The one override helper of the tests."""
     for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
+        for parent in parents:
+            node = node[parent]
         node[leaf] = value
     return config
+
+
+def digits_config(data_dir, overrides: dict, experiment: str = "patch_convnet"):
+    """`experiment`'s smoke config on the digits prepared in `data_dir`, with `overrides`."""
+    config = load_experiment(experiment, "smoke")
+    config.dataset.data_dir = str(data_dir)
+    return with_overrides(config, overrides)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import ROOT, load_experiment, preempted_when
+from conftest import ROOT, digits_config, preempted_when
 
 from attn_jax import checkpoint, modes, train
 from attn_jax.bench.compilations import count_compilations
@@ -28,12 +28,7 @@ OVERRIDES = {"dataset.train_split": "train[:480]", "dataset.val_split": "train[1
 
 
 def _config(data_dir):
-    config = load_experiment("patch_convnet", "smoke")
-    config.dataset.data_dir = str(data_dir)
-    for key, value in OVERRIDES.items():
-        section, _, leaf = key.rpartition(".")
-        (config[section] if section else config)[leaf] = value
-    return config
+    return digits_config(data_dir, OVERRIDES)
 
 
 def _launch(workdir, data_dir, extra=()) -> subprocess.Popen:

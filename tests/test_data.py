@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import ROOT, load_experiment
+from conftest import ROOT, digits_config
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
@@ -18,13 +18,7 @@ from attn_jax.errors import UserError
 
 
 def _digits_config(data_dir, **overrides):
-    config = load_experiment("patch_convnet", "smoke")
-    config.dataset.data_dir = str(data_dir)
-    config.dataset.read_workers = 0
-    for key, value in overrides.items():
-        section, _, leaf = key.rpartition(".")
-        (config[section] if section else config)[leaf] = value
-    return config
+    return digits_config(data_dir, {"dataset.read_workers": 0, **overrides})
 
 
 def test_epoch_order_is_a_fixed_permutation_per_epoch():

@@ -10,7 +10,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, load_experiment, preempted_when
+from conftest import ROOT, digits_config, preempted_when
 
 from attn_jax import data, train
 
@@ -21,12 +21,7 @@ SMALL = {"dataset.train_split": "train[:160]", "dataset.val_split": "train[1150:
 
 
 def _config(data_dir, overrides=SMALL):
-    config = load_experiment("patch_convnet", "smoke")
-    config.dataset.data_dir = str(data_dir)
-    for key, value in overrides.items():
-        section, _, leaf = key.rpartition(".")
-        (config[section] if section else config)[leaf] = value
-    return config
+    return digits_config(data_dir, overrides)
 
 
 def _free_port() -> int:

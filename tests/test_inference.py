@@ -4,7 +4,7 @@ that training writes after each epoch."""
 import jax
 import numpy as np
 import pytest
-from conftest import load_experiment
+from conftest import digits_config, load_experiment
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -21,12 +21,7 @@ OVERRIDES = {"dataset.train_split": "train[:480]", "dataset.val_split": "train[1
 
 
 def _config(data_dir):
-    config = load_experiment("patch_convnet", "smoke")
-    config.dataset.data_dir = str(data_dir)
-    for key, value in OVERRIDES.items():
-        section, _, leaf = key.rpartition(".")
-        (config[section] if section else config)[leaf] = value
-    return config
+    return digits_config(data_dir, OVERRIDES)
 
 
 @pytest.fixture(scope="module")

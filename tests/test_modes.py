@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, load_experiment
+from conftest import ROOT, digits_config, load_experiment
 from PIL import Image
 
 from attn_jax import attention_maps, checkpoint, modes, train
@@ -23,12 +23,7 @@ OVERRIDES = {"dataset.train_split": "train[:64]", "dataset.val_split": "train[11
 
 
 def _config(data_dir):
-    config = load_experiment("patch_convnet", "smoke")
-    config.dataset.data_dir = str(data_dir)
-    for key, value in OVERRIDES.items():
-        section, _, leaf = key.rpartition(".")
-        (config[section] if section else config)[leaf] = value
-    return config
+    return digits_config(data_dir, OVERRIDES)
 
 
 @pytest.fixture(scope="module")
