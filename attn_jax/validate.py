@@ -172,3 +172,20 @@ def _cross_field(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"config.preprocess.crop is {p.crop}: with a crop, it must equal "
                         f"preprocess.size ({p.size}) and be at most preprocess.train_resize "
                         f"({p.train_resize}); or set crop to 0")
+    _model_shapes(config.model, p.size)
+
+
+def _model_shapes(m: ml_collections.ConfigDict, size: int) -> None:
+    """The model's sizes that must divide one another (else the model fails at its first trace)."""
+    if "patch_size" in m and size % m.patch_size:
+        raise UserError(f"config.model.patch_size is {m.patch_size}: it must divide "
+                        f"preprocess.size ({size}) into whole patches")
+    if "num_heads" in m and m.dim % m.num_heads:
+        raise UserError(f"config.model.num_heads is {m.num_heads}: it must divide model.dim "
+                        f"({m.dim})")
+    if "se_ratio" in m and m.dim < m.se_ratio:
+        raise UserError(f"config.model.se_ratio is {m.se_ratio}: squeeze-excite would reduce "
+                        f"model.dim ({m.dim}) to no channel; use at most {m.dim}")
+    if "stem_convs" in m and (size % 2 ** m.stem_convs or m.dim % 2 ** (m.stem_convs - 1)):
+        raise UserError(f"config.model.stem_convs is {m.stem_convs}: 2^stem_convs must divide "
+                        f"preprocess.size ({size}) and 2^(stem_convs - 1) model.dim ({m.dim})")

@@ -97,3 +97,18 @@ def test_launch_refuses_a_bad_value_before_any_work(tmp_path, flag, line):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [line]
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("name, overrides, field", [
+    ("eanet", {"model.patch_size": 3}, "model.patch_size"),  # 32 px in 3 px patches
+    ("eanet", {"model.num_heads": 3}, "model.num_heads"),  # dim 64 over 3 heads
+    ("vit", {"model.dim": 66}, "model.num_heads"),
+    ("patch_convnet", {"model.se_ratio": 512}, "model.se_ratio"),
+    ("patch_convnet_paper_cifar", {"model.stem_convs": 6}, "model.stem_convs"),  # 32 px / 64
+])
+def test_model_sizes_that_must_divide_are_checked_before_any_work(name, overrides, field):
+    from conftest import with_overrides
+
+    config = with_overrides(load_experiment(name), overrides)
+    with pytest.raises(UserError, match=rf"^config\.{field} is "):
+        validate.check(config)
