@@ -70,6 +70,49 @@ def digits_config(data_dir, overrides: dict, experiment: str = "patch_convnet"):
     return with_overrides(config, overrides)
 
 
+def in_process_digits_config(data_dir, **overrides):
+    """`digits_config` decoding in the test's process (no grain workers), overrides as keywords."""
+    return digits_config(data_dir, {"dataset.read_workers": 0, **overrides})
+
+
+# A tiny PatchConvNet run on the digits: 160 training images (10 steps of 16), one epoch, 16x16
+# inputs, a log line every step. The runs of the multi-process and sweep tests.
+SMALL_RUN = {"dataset.train_split": "train[:160]", "dataset.val_split": "train[1150:1187]",
+             "dataset.test_split": "test[:20]", "batch_size": 16, "eval_batch_size": 16,
+             "num_epochs": 1, "log_every_steps": 1, "preprocess.size": 16,
+             "preprocess.train_resize": 18, "preprocess.crop": 16, "model.dim": 16}
+
+
+def small_digits_config(data_dir, overrides=SMALL_RUN):
+    """`digits_config` with the small run's overrides (or `overrides`, which usually extend them)."""
+    return digits_config(data_dir, overrides)
+
+
+def tutorial_trunk_config(tie_trunk: bool, depth: int = 2):
+    """The tutorial PatchConvNet at dim 16 on 16x16 inputs, its trunk tied (one block) or not."""
+    config = load_experiment("patch_convnet")
+    config.model.update(dim=16, depth=depth, se_ratio=4, tie_trunk=tie_trunk)
+    config.preprocess.size = 16
+    return config
+
+
+def png_size(path):
+    """The (width, height) of the PNG at `path`, which must be a whole PNG file."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.load()
+        return image.size
+
+
+def inches_to_pixels(inches):
+    """The pixel size of a figure of `inches` at attention_maps' resolution."""
+    from attn_jax import attention_maps
+
+    return tuple(round(x * attention_maps.DPI) for x in inches)
+
+
 @pytest.fixture
 def tiny_config():
     return tiny_patch_convnet_config

@@ -5,20 +5,9 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import inches_to_pixels, png_size
 
 from attn_jax import attention_maps
-
-
-def _png(path):
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        image.load()
-        return image.size
-
-
-def _pixels(inches):
-    return tuple(round(x * attention_maps.DPI) for x in inches)
 
 
 def _attention(n, patches, seed=0):
@@ -42,7 +31,7 @@ def test_render_grid_writes_a_png_of_the_announced_size(tmp_path):
     path = tmp_path / "grid" / "epoch_001.png"
     pixels = attention_maps.render_grid(images, _attention(6, 16), [f"image {i}" for i in range(6)],
                                         path, suptitle="epoch 1", colors=["green", "red"] * 3)
-    assert _png(path) == attention_maps.grid_pixels(6)
+    assert png_size(path) == attention_maps.grid_pixels(6)
     assert pixels.shape == (*attention_maps.grid_pixels(6)[::-1], 3) and pixels.dtype == np.uint8
 
 
@@ -50,7 +39,7 @@ def test_render_side_by_side_writes_a_png_of_a_fixed_size(tmp_path):
     image = np.random.default_rng(2).integers(0, 256, (101, 67, 3), np.uint8)  # any size
     path = tmp_path / "attend" / "photo.png"
     attention_maps.render_side_by_side(image, _attention(1, 16)[0], path, "photo.jpg: 7 (42.0%)")
-    assert _png(path) == _pixels(attention_maps.ATTEND_INCHES)
+    assert png_size(path) == inches_to_pixels(attention_maps.ATTEND_INCHES)
 
 
 def test_curves_weight_train_records_by_their_steps(tmp_path):
@@ -68,4 +57,4 @@ def test_curves_weight_train_records_by_their_steps(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = attention_maps.plot_curves(metrics, tmp_path / "curves.png")
-    assert _png(out) == _pixels(attention_maps.CURVES_INCHES)
+    assert png_size(out) == inches_to_pixels(attention_maps.CURVES_INCHES)

@@ -1,4 +1,5 @@
-"""The EANet tutorial's augmentations (`attn_jax/augment.py`), on one raw-pixel image."""
+"""The augmentations (`attn_jax/augment.py`): crops and flips, and the EANet tutorial's rotation,
+zoom and contrast on one raw-pixel image."""
 
 import jax
 import jax.numpy as jnp
@@ -53,3 +54,25 @@ def test_zoom_changes_image_and_keeps_shape():
     zoomed = augment.zoom(odd, jnp.float32(2), jnp.float32(2))
     np.testing.assert_allclose(zoomed[4, 4], odd[4, 4], rtol=1e-6)
     np.testing.assert_allclose(zoomed[4, 5], odd[4, 6], rtol=1e-6)
+
+
+def test_random_crop_is_a_window_of_the_image():
+    image = jnp.arange(10 * 10 * 1, dtype=jnp.float32).reshape(10, 10, 1)
+    for seed in range(20):
+        crop = augment.random_crop(image, jax.random.key(seed), 6)
+        top, left = int(crop[0, 0, 0]) // 10, int(crop[0, 0, 0]) % 10
+        assert 0 <= top <= 4 and 0 <= left <= 4
+        np.testing.assert_array_equal(crop, image[top:top + 6, left:left + 6])
+
+
+def test_random_flip_is_identity_or_mirror_and_both_occur():
+    image = jax.random.uniform(jax.random.key(0), (5, 7, 3))
+    outcomes = set()
+    for seed in range(20):
+        out = augment.random_flip(image, jax.random.key(seed))
+        if jnp.array_equal(out, image):
+            outcomes.add("same")
+        else:
+            np.testing.assert_array_equal(out, image[:, ::-1])
+            outcomes.add("mirror")
+    assert outcomes == {"same", "mirror"}

@@ -1,4 +1,5 @@
-"""Checkpoints: exact resume after SIGTERM and SIGKILL, evaluation of saved runs, bad workdirs."""
+"""Checkpoints: exact resume after SIGTERM and SIGKILL, evaluation of saved runs, bad workdirs, and
+checkpoints of another model (or the other trunk of the tutorial PatchConvNet) refused."""
 
 import json
 import os
@@ -9,12 +10,15 @@ import subprocess
 import sys
 import time
 
+import flax
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import ROOT, digits_config, preempted_when
+from conftest import ROOT, digits_config, preempted_when, tutorial_trunk_config
 
-from attn_jax import checkpoint, modes, train
+from attn_jax import checkpoint, models, modes, train
 from attn_jax.bench.compilations import count_compilations
 from attn_jax.errors import UserError
 
@@ -127,8 +131,6 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, digits_
 
 
 def jax_leaves(tree):
-    import jax
-
     return jax.tree.leaves(tree)
 
 
@@ -258,8 +260,6 @@ def test_a_run_preempted_on_one_device_resumes_on_eight(tmp_path, digits_data_di
     """A TPU slice of another size after a preemption: stopped by SIGTERM at step 25 on 1 device,
     resumed on 8, the run ends like the uninterrupted 8-device one up to float rounding (1 and 8
     devices reduce in another order) with every log line once."""
-    import jax
-
     reference, _ = finished_run
     workdir = tmp_path / "preempted"
     with preempted_when(lambda step, scalars: step == 25 and "train/loss" in scalars):
@@ -353,3 +353,51 @@ def test_signals_before_the_first_step_and_while_finishing(tmp_path, digits_data
     assert final["test/examples"] == 128 and (workdir / "summary.json").exists()
     assert "received SIGTERM while finishing: the run is finished" in capsys.readouterr().out
     assert 60 in [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+@flax.struct.dataclass
+class _State:
+    step: jax.Array
+    params: dict
+
+
+def test_checkpoint_of_the_other_trunk_variant_is_refused(tmp_path):
+    """checkpoint.model_description holds config.model, so tie_trunk must agree to restore."""
+    images = jnp.zeros((1, 16, 16, 3))
+    configs = {t: tutorial_trunk_config(t) for t in (True, False)}
+    states = {t: _State(jnp.array(1), models.create_model(c, 10).init(
+        jax.random.key(0), images, train=False)["params"]) for t, c in configs.items()}
+    sums = {"count": jnp.zeros(())}
+    for saved, other in ((True, False), (False, True)):
+        ckpt = checkpoint.Checkpointer(tmp_path / str(saved), keep=1)
+        ckpt.save(states[saved], sums, checkpoint.model_description(configs[saved]))
+        ckpt.wait()
+        with pytest.raises(UserError, match=rf"different model.*model\.tie_trunk: checkpoint "
+                                            rf"{saved} vs config {other}"):
+            ckpt.restore(1, states[other], sums, checkpoint.model_description(configs[other]))
+        # Even with the description ignored, the parameter trees differ and are refused.
+        with pytest.raises(UserError, match="does not fit this model"):
+            ckpt._check_shapes(1, states[other])
+        restored, _ = ckpt.restore(1, states[saved], sums,
+                                   checkpoint.model_description(configs[saved]))
+        assert jax.tree.structure(restored.params) == jax.tree.structure(states[saved].params)
+        ckpt.close()
+
+
+def test_checkpoint_from_before_tie_trunk_restores_as_untied_only(tmp_path):
+    """A description without model.tie_trunk was saved by the untied model, the only one then."""
+    images = jnp.zeros((1, 16, 16, 3))
+    configs = {t: tutorial_trunk_config(t) for t in (True, False)}
+    states = {t: _State(jnp.array(1), models.create_model(c, 10).init(
+        jax.random.key(0), images, train=False)["params"]) for t, c in configs.items()}
+    sums = {"count": jnp.zeros(())}
+    old = checkpoint.model_description(configs[False])
+    del old["model"]["tie_trunk"]
+    ckpt = checkpoint.Checkpointer(tmp_path, keep=1)
+    ckpt.save(states[False], sums, old)
+    ckpt.wait()
+    restored, _ = ckpt.restore(1, states[False], sums, checkpoint.model_description(configs[False]))
+    assert jax.tree.structure(restored.params) == jax.tree.structure(states[False].params)
+    with pytest.raises(UserError, match=r"model\.tie_trunk: checkpoint False vs config True"):
+        ckpt.restore(1, states[True], sums, checkpoint.model_description(configs[True]))
+    ckpt.close()

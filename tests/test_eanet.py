@@ -1,4 +1,5 @@
-"""EANet (`attn_jax/models/eanet.py`): the tutorial's external attention and its ViT baseline."""
+"""EANet (`attn_jax/models/eanet.py`): the tutorial's external attention and its ViT baseline, and
+the two experiments built on them."""
 
 import functools
 
@@ -10,6 +11,7 @@ import pytest
 from conftest import load_experiment
 from initialisers import check_initialisers, keras_glorot_bound
 
+from attn_jax import models, summary
 from attn_jax.errors import UserError
 from attn_jax.models import eanet, get_model
 from attn_jax.summary import abstract_variables, total_params
@@ -175,3 +177,17 @@ def test_bad_config_raises_user_error():
         eanet.EANet(**{**TINY, "attention": "linear"})
     with pytest.raises(UserError, match="num_heads"):
         eanet.EANet(**{**TINY, "num_heads": 3})
+
+
+@pytest.mark.parametrize("experiment, expected", [("eanet", 361_380), ("vit", 623_268)])
+def test_experiment_parameter_counts(experiment, expected):
+    config = load_experiment(experiment)
+    model = models.create_model(config, config.dataset.num_classes)
+    size = config.preprocess.size
+    assert summary.total_params(model, (size, size, 3)) == expected
+
+
+def test_vit_differs_from_eanet_only_in_attention():
+    eanet, vit = load_experiment("eanet").to_dict(), load_experiment("vit").to_dict()
+    assert (eanet["model"].pop("attention"), vit["model"].pop("attention")) == ("external", "self")
+    assert vit == eanet

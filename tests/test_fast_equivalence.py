@@ -135,17 +135,3 @@ def test_paper_model_fast_equals_reference():
                             for impl in ("reference", "fast"))
     x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
     assert_same_function(reference, candidate, x)
-
-
-def test_auto_is_fast_on_cpu_and_reference_elsewhere():
-    assert models.resolve_impl("auto", "cpu") == "fast"
-    assert models.resolve_impl("auto", "gpu") == "reference"
-    assert models.resolve_impl("auto", "tpu") == "reference"
-    assert models.resolve_impl("reference", "cpu") == "reference"
-    assert models.layers_for("reference", "cpu") == {}
-    assert models.layers_for("fast", "gpu")["conv"] is fast.Conv
-    config = load_experiment("eanet")
-    config.model.impl = "reference"
-    assert models.create_model(config, 100).external_attention is eanet.ExternalAttention
-    config.model.impl = "fast"
-    assert models.create_model(config, 100).external_attention is fast.ExternalAttention

@@ -4,8 +4,7 @@ that training writes after each epoch."""
 import jax
 import numpy as np
 import pytest
-from conftest import digits_config, load_experiment
-from PIL import Image
+from conftest import digits_config, inches_to_pixels, load_experiment, png_size
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from attn_jax import attention_maps, data, inference, models, train
@@ -41,24 +40,13 @@ def trained(tmp_path_factory, digits_data_dir):
     return workdir, calls
 
 
-def _pixels(inches):
-    return tuple(round(x * attention_maps.DPI) for x in inches)
-
-
-def _png(path):
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        image.load()
-        return image.size
-
-
 @pytest.mark.slow
 def test_training_writes_the_grid_of_the_same_images_every_epoch(trained, digits_data_dir):
     workdir, calls = trained
     assert sorted(p.name for p in (workdir / "attention").iterdir()) == ["epoch_001.png",
                                                                           "epoch_002.png"]
     for name in ("epoch_001.png", "epoch_002.png"):
-        assert _png(workdir / "attention" / name) == attention_maps.grid_pixels(6)
+        assert png_size(workdir / "attention" / name) == attention_maps.grid_pixels(6)
     assert len(calls) == 2  # one per epoch, the same images and labels each time
     np.testing.assert_array_equal(calls[0][0], calls[1][0])
     np.testing.assert_array_equal(calls[0][1], calls[1][1])
@@ -71,7 +59,7 @@ def test_training_writes_the_grid_of_the_same_images_every_epoch(trained, digits
     events = EventAccumulator(str(workdir / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     assert [e.step for e in events.Images("attention_maps")] == [15, 30]  # 480 // 32 per epoch
-    assert _png(workdir / "curves.png") == _pixels(attention_maps.CURVES_INCHES)  # (1000, 400)
+    assert png_size(workdir / "curves.png") == inches_to_pixels(attention_maps.CURVES_INCHES)  # (1000, 400)
     assert (workdir / "summary.json").exists()
 
 

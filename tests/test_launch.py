@@ -1,10 +1,13 @@
-"""launch.py as a user runs it: one-line errors with a non-zero status, and the summary mode."""
+"""launch.py as a user runs it: one-line errors with a non-zero status, the summary mode, and every
+mode run where TensorFlow is not installed."""
 
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT
+from PIL import Image
 
 
 def _launch(*args: str) -> subprocess.CompletedProcess:
@@ -72,3 +75,49 @@ def test_sigterm_during_benchmark_mode_is_one_line(tmp_path):
         "received SIGTERM during --mode=benchmark: stopped before its results were written; nothing "
         "else changed"]
     assert not (tmp_path / "bench" / "benchmark.json").exists()
+
+
+def _launch_in(args, env, timeout=300):
+    """launch.py with `args`, in the environment `env`."""
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_training_runs_without_tensorflow(tmp_path, digits_data_dir, digits_tfrecord_dir,
+                                          no_tensorflow_env):
+    """No module that training, evaluation, attend or summary imports imports TensorFlow: a short
+    run with its attention maps, its evaluation, --mode=attend and --mode=summary, each in a process
+    where TensorFlow is not installed."""
+    probe = subprocess.run([sys.executable, "-c", "import tensorflow"], env=no_tensorflow_env,
+                           capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'tensorflow'" in probe.stderr
+    small = ["--config.dataset.train_split=train[:256]", "--config.num_epochs=1",
+             "--config.model.dim=16", "--config.steps_per_call=4", "--config.attention_every_epochs=1"]
+    common = ["--config=experiments/patch_convnet.py:smoke", f"--workdir={tmp_path / 'run'}",
+              f"--config.dataset.data_dir={digits_data_dir}", *small]
+    trained = _launch_in(common, no_tensorflow_env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "4 step(s) per call, training data on the devices" in trained.stdout
+    assert (tmp_path / "run" / "summary.json").exists()
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "run" / "attention" / "epoch_001.png").exists()
+    evaluated = _launch_in([*common, "--mode=eval", "--checkpoint=latest"], no_tensorflow_env)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "test/top1" in evaluated.stdout
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(image)
+    attended = _launch_in([*common, "--mode=attend", f"--image={image}", "--checkpoint=latest"],
+                          no_tensorflow_env)
+    assert attended.returncode == 0, attended.stderr[-3000:]
+    assert (tmp_path / "run" / "attend" / "digit.png").exists()
+    summary = _launch_in([*common, "--mode=summary"], no_tensorflow_env)
+    assert summary.returncode == 0 and "total params:" in summary.stdout, summary.stderr[-3000:]
+
+    # A dataset prepared as TFRecord: one line saying how to convert it, exit status 2.
+    refused = _launch_in(["--config=experiments/patch_convnet.py:smoke", f"--workdir={tmp_path / 'tf'}",
+                          f"--config.dataset.data_dir={digits_tfrecord_dir}"], no_tensorflow_env)
+    assert refused.returncode == 2
+    error = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "prepared as TFRecord" in error[0]
+    assert "python -m attn_jax.convert_dataset --name=sklearn_digits" in error[0]

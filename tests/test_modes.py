@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, digits_config, load_experiment
+from conftest import ROOT, digits_config, load_experiment, png_size
 from PIL import Image
 
 from attn_jax import attention_maps, checkpoint, modes, train
@@ -36,13 +36,6 @@ def saved(tmp_path_factory, digits_data_dir):
     ckpt.save(run.state, train.zero_sums(run.mesh), checkpoint.model_description(config))
     ckpt.close()
     return workdir
-
-
-def _png(path):
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        image.load()
-        return image.size
 
 
 def test_summary_of_s60_needs_no_data(capsys):
@@ -81,8 +74,8 @@ def test_attend_on_any_image(saved, digits_data_dir, tmp_path):
     assert [r["output"] for r in results] == [str(saved / "attend" / f"{n}.png")
                                               for n in ("gray", "rgba", "photo")]
     for result in results:
-        assert _png(result["output"]) == tuple(round(x * attention_maps.DPI)
-                                               for x in attention_maps.ATTEND_INCHES)
+        assert png_size(result["output"]) == tuple(round(x * attention_maps.DPI)
+                                                   for x in attention_maps.ATTEND_INCHES)
         assert len(result["top5"]) == 5
         assert {name for name, _ in result["top5"]} <= {str(d) for d in range(10)}
         probs = [p for _, p in result["top5"]]

@@ -2,17 +2,15 @@
 
 import functools
 
-import flax
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_experiment
+from conftest import load_experiment, tutorial_trunk_config
 from initialisers import check_initialisers, keras_glorot_bound
 
-from attn_jax import checkpoint, models, modes, summary
-from attn_jax.errors import UserError
+from attn_jax import models, modes, summary
 
 
 def test_the_experiment_builds_the_tied_trunk_the_tutorial_trained():
@@ -55,17 +53,10 @@ def test_summary_of_the_untied_trunk():
     assert flops == [line for line in tied_text.splitlines() if line.startswith("forward FLOPs")]
 
 
-def _tiny(tie_trunk: bool, depth: int = 2):
-    config = load_experiment("patch_convnet")
-    config.model.update(dim=16, depth=depth, se_ratio=4, tie_trunk=tie_trunk)
-    config.preprocess.size = 16
-    return config
-
-
 def test_untied_parameter_tree_is_unchanged_and_tied_has_one_block():
     images = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
-    untied = models.create_model(_tiny(False, depth=3), 10)
-    tied = models.create_model(_tiny(True, depth=3), 10)
+    untied = models.create_model(tutorial_trunk_config(False, depth=3), 10)
+    tied = models.create_model(tutorial_trunk_config(True, depth=3), 10)
     untied_params = jax.eval_shape(lambda x: untied.init(jax.random.key(0), x, train=False),
                                    images)["params"]
     tied_params = jax.eval_shape(lambda x: tied.init(jax.random.key(0), x, train=False),
@@ -80,7 +71,7 @@ def test_untied_parameter_tree_is_unchanged_and_tied_has_one_block():
 
 def test_tied_trunk_is_the_untied_one_with_every_block_equal():
     """The tied model computes exactly the untied model whose blocks all hold the shared weights."""
-    tied, untied = (models.create_model(_tiny(t), 10) for t in (True, False))
+    tied, untied = (models.create_model(tutorial_trunk_config(t), 10) for t in (True, False))
     images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
     params = tied.init(jax.random.key(1), images, train=False)["params"]
     params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape), params)
@@ -103,35 +94,6 @@ def test_tied_trunk_is_the_untied_one_with_every_block_equal():
         jax.flatten_util.ravel_pytree(jax.tree.map(jnp.add, untied_grads["TrunkBlock_0"],
                                                    untied_grads["TrunkBlock_1"]))[0],
         rtol=1e-4, atol=1e-6)
-
-
-@flax.struct.dataclass
-class _State:
-    step: jax.Array
-    params: dict
-
-
-def test_checkpoint_of_the_other_trunk_variant_is_refused(tmp_path):
-    """checkpoint.model_description holds config.model, so tie_trunk must agree to restore."""
-    images = jnp.zeros((1, 16, 16, 3))
-    configs = {t: _tiny(t) for t in (True, False)}
-    states = {t: _State(jnp.array(1), models.create_model(c, 10).init(
-        jax.random.key(0), images, train=False)["params"]) for t, c in configs.items()}
-    sums = {"count": jnp.zeros(())}
-    for saved, other in ((True, False), (False, True)):
-        ckpt = checkpoint.Checkpointer(tmp_path / str(saved), keep=1)
-        ckpt.save(states[saved], sums, checkpoint.model_description(configs[saved]))
-        ckpt.wait()
-        with pytest.raises(UserError, match=rf"different model.*model\.tie_trunk: checkpoint "
-                                            rf"{saved} vs config {other}"):
-            ckpt.restore(1, states[other], sums, checkpoint.model_description(configs[other]))
-        # Even with the description ignored, the parameter trees differ and are refused.
-        with pytest.raises(UserError, match="does not fit this model"):
-            ckpt._check_shapes(1, states[other])
-        restored, _ = ckpt.restore(1, states[saved], sums,
-                                   checkpoint.model_description(configs[saved]))
-        assert jax.tree.structure(restored.params) == jax.tree.structure(states[saved].params)
-        ckpt.close()
 
 
 def test_shapes_and_attention_map():
@@ -181,28 +143,9 @@ def keras_init(keys, shape, parent):
 
 @pytest.mark.parametrize("tie_trunk", [True, False])
 def test_initialisers_match_keras(tie_trunk):
-    config = _tiny(tie_trunk)
+    config = tutorial_trunk_config(tie_trunk)
     config.model.dim = 32
     model = models.create_model(config, 10)
     params = jax.jit(functools.partial(model.init, train=False))(
         jax.random.key(0, impl="rbg"), jnp.zeros((1, 16, 16, 3)))["params"]
     assert check_initialisers(params, keras_init).keys() == {"uniform"}
-
-
-def test_checkpoint_from_before_tie_trunk_restores_as_untied_only(tmp_path):
-    """A description without model.tie_trunk was saved by the untied model, the only one then."""
-    images = jnp.zeros((1, 16, 16, 3))
-    configs = {t: _tiny(t) for t in (True, False)}
-    states = {t: _State(jnp.array(1), models.create_model(c, 10).init(
-        jax.random.key(0), images, train=False)["params"]) for t, c in configs.items()}
-    sums = {"count": jnp.zeros(())}
-    old = checkpoint.model_description(configs[False])
-    del old["model"]["tie_trunk"]
-    ckpt = checkpoint.Checkpointer(tmp_path, keep=1)
-    ckpt.save(states[False], sums, old)
-    ckpt.wait()
-    restored, _ = ckpt.restore(1, states[False], sums, checkpoint.model_description(configs[False]))
-    assert jax.tree.structure(restored.params) == jax.tree.structure(states[False].params)
-    with pytest.raises(UserError, match=r"model\.tie_trunk: checkpoint False vs config True"):
-        ckpt.restore(1, states[True], sums, checkpoint.model_description(configs[True]))
-    ckpt.close()

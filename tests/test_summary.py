@@ -84,3 +84,14 @@ def test_tutorial_models_count_exactly_their_multiply_adds(name, expected):
     image = (config.preprocess.size, config.preprocess.size, 3)
     variables = summary.abstract_variables(model, image)
     assert summary.forward_macs(model, variables, image) == expected
+
+
+def test_mac_counter_counts_full_kernels_and_matmuls():
+    def f(x, w, a, b):
+        y = jax.lax.conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)), feature_group_count=2,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y, jax.jit(jnp.dot)(a, b)
+
+    shapes = [(1, 8, 8, 4), (3, 3, 2, 6), (5, 7), (7, 3)]
+    jaxpr = jax.make_jaxpr(f)(*[jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
+    assert summary._jaxpr_macs(jaxpr.jaxpr) == 4 * 4 * 6 * (9 * 2) + 5 * 7 * 3

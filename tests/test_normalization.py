@@ -1,56 +1,11 @@
-"""EANet and its ViT baseline through the harness: experiment configs, training, normalisation stats."""
+"""attn_jax/normalization.py: per-channel statistics of a split, cached per split, on 1 or 2 processes."""
 
 import json
 
 import numpy as np
-import pytest
-import tensorflow_datasets as tfds
-from conftest import load_experiment
 
-from attn_jax import data, models, normalization, summary, train
+from attn_jax import data, normalization
 
-
-@pytest.mark.parametrize("experiment, expected", [("eanet", 361_380), ("vit", 623_268)])
-def test_experiment_parameter_counts(experiment, expected):
-    config = load_experiment(experiment)
-    model = models.create_model(config, config.dataset.num_classes)
-    size = config.preprocess.size
-    assert summary.total_params(model, (size, size, 3)) == expected
-
-
-def test_vit_differs_from_eanet_only_in_attention():
-    eanet, vit = load_experiment("eanet").to_dict(), load_experiment("vit").to_dict()
-    assert (eanet["model"].pop("attention"), vit["model"].pop("attention")) == ("external", "self")
-    assert vit == eanet
-
-
-def tiny_eanet_config(attention: str):
-    """The CIFAR-100 experiment shrunk for tests: 16x16 inputs, 16 tokens, one block, one epoch."""
-    config = load_experiment("eanet")
-    config.batch_size = config.eval_batch_size = 16
-    config.num_epochs = 1
-    config.log_every_steps = 2
-    config.preprocess.size = config.preprocess.train_resize = 16
-    config.model.update(dict(patch_size=4, dim=16, mlp_dim=16, num_heads=2, dim_coefficient=2,
-                             num_blocks=1, memory_slots=8, attention=attention))
-    return config
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("attention", ["external", "self"])
-def test_train_steps_under_mock_data(tmp_path, attention):
-    config = tiny_eanet_config(attention)
-    assert config.preprocess.normalize == "standardize" and config.preprocess.zoom > 0
-    with tfds.testing.mock_data(num_examples=48):  # 3 steps of 16
-        final = train.train_and_evaluate(config, str(tmp_path))
-    assert np.isfinite(final["train/loss"]) and 0.0 <= final["test/top1"] <= 1.0
-    cached = json.loads((tmp_path / "normalization.json").read_text())
-    stats = cached["cifar100/train[:40000]"]
-    assert len(stats["mean"]) == len(stats["std"]) == 3
-    assert all(0 < m < 255 for m in stats["mean"]) and all(s > 0 for s in stats["std"])
-
-
-# Normalisation statistics.
 
 def _toy_split(seed=0, n=5):
     """n random 4x4 RGB uint8 images whose last channel is constant (std 0: floored at 1e-7)."""

@@ -1,0 +1,26 @@
+"""attn_jax/metrics_log.py: metrics.jsonl resumed after a crash, and JSON files written whole."""
+
+import json
+
+import pytest
+
+from attn_jax import metrics_log
+from attn_jax.errors import UserError
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, tiny_config, capsys):
+    """A crash in the middle of writing metrics.jsonl leaves half a line: resuming drops it with a
+    warning; an unreadable line before the end is an error naming it; JSON files are written whole."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2, "epoch": 1, "train/loss": 1.5}\n{"step": 4, "epo')
+    log = metrics_log.MetricsLog(tmp_path, tiny_config(), resume_step=4)
+    log.write(4, 1, {"train/loss": 1.25})
+    log.close()
+    assert "dropped the torn last line" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
+    assert not list(tmp_path.glob(".*.tmp*"))  # config.json written through a renamed temp file
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["dim"] == 16
+
+    path.write_text('{"step": 2, "epo\n{"step": 4, "epoch": 1}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl line 1 is not JSON"):
+        metrics_log.MetricsLog(tmp_path, tiny_config(), resume_step=4)
