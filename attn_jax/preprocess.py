@@ -3,7 +3,12 @@
 One fixed order serves both tutorials, each step switched on by its config value:
 
     raw pixels (float, 0..255) -> resize -> [train] random crop -> flip -> rotation -> contrast
-    -> zoom -> normalise ("rescale": x / 255, or "standardize": (x - mean) / std per channel)
+    -> zoom -> RandAugment -> normalise ("rescale": x / 255, or "standardize": (x - mean) / std per
+    channel) -> [train] random erasing
+
+RandAugment and random erasing are timm's (DeiT's recipe; `augment.rand_augment`,
+`augment.random_erase`), erasing after normalisation as timm does; Mixup and CutMix, batch-wise,
+follow in the train step (`attn_jax.mixing`).
 
 Normalisation comes last and is the same in training and evaluation: the EANet tutorial normalised
 first and clipped in RandomContrast during training only, which broke its evaluation.
@@ -59,15 +64,46 @@ def for_eval(images: jax.Array, cfg: ml_collections.ConfigDict,
     return normalize(_resize(images.astype(jnp.float32), cfg.size), cfg, stats)
 
 
+def _rand_augment_on(cfg: ml_collections.ConfigDict) -> bool:
+    return cfg.get("randaugment_ops", 0) > 0
+
+
+def _erasing_on(cfg: ml_collections.ConfigDict) -> bool:
+    return cfg.get("erase_prob", 0.0) > 0
+
+
+def _rand_augment_one(image: jax.Array, key: jax.Array,
+                      cfg: ml_collections.ConfigDict) -> jax.Array:
+    """RandAugment (config.preprocess.randaugment_*) of one raw-pixel image: [H, W, C] -> same."""
+    return augment.rand_augment(image, key, cfg.randaugment_ops, cfg.randaugment_magnitude,
+                                cfg.randaugment_magnitude_std)
+
+
+def _erase_one(image: jax.Array, key: jax.Array, cfg: ml_collections.ConfigDict) -> jax.Array:
+    """Random erasing (config.preprocess.erase_*) of one normalised image: [H, W, C] -> same."""
+    return augment.random_erase(image, key, cfg.erase_prob, tuple(cfg.erase_area),
+                                tuple(cfg.erase_aspect))
+
+
 def for_train(images: jax.Array, key: jax.Array, cfg: ml_collections.ConfigDict,
               stats: dict[str, jax.Array] | None = None) -> jax.Array:
     """Random training preprocessing: uint8 [B, H, W, C] -> float32 [B, size, size, C].
 
     With `cfg.crop`, images are first resized to `cfg.train_resize` and cropped back to `cfg.crop`
     (which must equal `cfg.size`); without it they are resized to `cfg.size` as in evaluation.
+    Each example's key is split once more for RandAugment and random erasing only when one of them
+    is on, so the tutorials' steps draw exactly what they drew before those existed.
     """
     size = cfg.train_resize if cfg.crop else cfg.size
     images = _resize(images.astype(jnp.float32), size)
     keys = jax.random.split(key, images.shape[0])
+    if _rand_augment_on(cfg) or _erasing_on(cfg):
+        split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)  # [B, 3]
+        keys, rand_augment_keys, erase_keys = split[:, 0], split[:, 1], split[:, 2]
     images = jax.vmap(functools.partial(_augment_one, cfg=cfg))(images, keys)
-    return normalize(images, cfg, stats)
+    if _rand_augment_on(cfg):
+        images = jax.vmap(functools.partial(_rand_augment_one, cfg=cfg))(images, rand_augment_keys)
+    images = normalize(images, cfg, stats)
+    if _erasing_on(cfg):
+        images = jax.vmap(functools.partial(_erase_one, cfg=cfg))(images, erase_keys)
+    return images
