@@ -282,10 +282,24 @@ class _BatchReads:
 # ---------------------------------------------------------------------------------------------
 # The order of an epoch
 # ---------------------------------------------------------------------------------------------
-def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+def epoch_order(seed: int, epoch: int, num_examples: int, repeats: int = 1,
+                global_batch: int = 1) -> np.ndarray:
     """The examples of epoch `epoch` in training order: a uniform permutation, int32 [N], the same
-    on every path, process and device count."""
-    return np.random.default_rng((seed, epoch)).permutation(num_examples).astype(np.int32)
+    on every path, process and device count.
+
+    With `repeats` > 1, repeated augmentation (DeiT's RASampler; config.dataset.repeats): each
+    global batch holds ceil(B / repeats) examples of the permutation, each `repeats` times at a
+    stride of ceil(B / repeats) rows (so on different devices when there are at least `repeats`),
+    cut to B; int32 [N // B * B]: the epoch keeps its number of steps and sees about N / repeats
+    distinct examples, every copy augmented with its own key.
+    """
+    order = np.random.default_rng((seed, epoch)).permutation(num_examples).astype(np.int32)
+    if repeats == 1:
+        return order
+    distinct = -(-global_batch // repeats)
+    batches = num_examples // global_batch
+    chunks = order[:batches * distinct].reshape(batches, distinct)
+    return np.tile(chunks, (1, repeats))[:, :global_batch].reshape(-1)
 
 
 def local_rows(global_batch: int, mesh: Mesh) -> np.ndarray:
@@ -359,9 +373,9 @@ class ResidentFeed:
 
     resident = True
 
-    def __init__(self, split: Split, mesh: Mesh, global_batch: int, seed: int):
+    def __init__(self, split: Split, mesh: Mesh, global_batch: int, seed: int, repeats: int = 1):
         split = split.in_memory()
-        self.mesh, self.global_batch, self.seed = mesh, global_batch, seed
+        self.mesh, self.global_batch, self.seed, self.repeats = mesh, global_batch, seed, repeats
         self.num_examples = split.num_examples
         self.steps_per_epoch = split.num_examples // global_batch
         self.arrays = {"images": replicated(split.examples.images, mesh),
@@ -371,7 +385,8 @@ class ResidentFeed:
         """The feed of each call of epoch `epoch` from its step `start` on: the same arrays each
         call (the step's position in the epoch comes from the train state's step)."""
         del start
-        order = epoch_order(self.seed, epoch, self.num_examples)[:self.steps_per_epoch * self.global_batch]
+        order = epoch_order(self.seed, epoch, self.num_examples, self.repeats,
+                            self.global_batch)[:self.steps_per_epoch * self.global_batch]
         feed = {**self.arrays, "order": replicated(order, self.mesh)}
         for _ in sizes:
             yield feed
@@ -395,14 +410,17 @@ class StreamedFeed:
 
     resident = False
 
-    def __init__(self, split: Split, mesh: Mesh, global_batch: int, seed: int, prefetch: int):
+    def __init__(self, split: Split, mesh: Mesh, global_batch: int, seed: int, prefetch: int,
+                 repeats: int = 1):
         self.split, self.mesh, self.global_batch, self.seed = split, mesh, global_batch, seed
+        self.repeats = repeats
         self.prefetch = prefetch
         self.steps_per_epoch = split.num_examples // global_batch
 
     def local_indices(self, epoch: int, start: int) -> list[np.ndarray]:
         """This process's rows of every global batch of `epoch` from batch `start` on."""
-        order = epoch_order(self.seed, epoch, self.split.num_examples)
+        order = epoch_order(self.seed, epoch, self.split.num_examples, self.repeats,
+                            self.global_batch)
         rows = local_rows(self.global_batch, self.mesh)
         return [order[b * self.global_batch:(b + 1) * self.global_batch][rows]
                 for b in range(start, self.steps_per_epoch)]
@@ -425,10 +443,12 @@ def _groups(items: Iterator, sizes: Sequence[int]) -> Iterator[list]:
 
 def make_feed(split: Split, cfg: ml_collections.ConfigDict, mesh: Mesh, global_batch: int,
               seed: int) -> ResidentFeed | StreamedFeed:
-    """The device-resident feed when the split fits (`is_resident`), else the streamed one."""
+    """The device-resident feed when the split fits (`is_resident`), else the streamed one; each
+    in `epoch_order`, with config.dataset.repeats (repeated augmentation; 1: off)."""
+    repeats = cfg.get("repeats", 1)
     if is_resident(split, cfg, mesh):
-        return ResidentFeed(split, mesh, global_batch, seed)
-    return StreamedFeed(split, mesh, global_batch, seed, cfg.prefetch)
+        return ResidentFeed(split, mesh, global_batch, seed, repeats)
+    return StreamedFeed(split, mesh, global_batch, seed, cfg.prefetch, repeats)
 
 
 # ---------------------------------------------------------------------------------------------

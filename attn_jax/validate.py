@@ -104,6 +104,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "preprocess.contrast": number(0.0, 1.0, open_high=True),  # factor in [1 - c, 1 + c]
     "preprocess.zoom": number(0.0, 1.0, open_high=True),
     "preprocess.normalize": one_of("rescale", "standardize"),
+    "dataset.repeats": integer(1),  # repeated augmentation (DeiT's RASampler: 3); 1: off
     "model.name": lambda: one_of(*_model_names()),
     "model.attention": one_of("external", "self"),
     "model.impl": one_of("auto", "reference", "fast"),

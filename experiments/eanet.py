@@ -72,6 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.preprocess = ml_collections.ConfigDict()
     config.preprocess.size = 32  # no resize
+    # Repeated augmentation (DeiT's RASampler, 3): each batch holds B / repeats examples, each
+    # `repeats` times with its own augmentation, the epoch as long as before; 1: off.
+    config.dataset.repeats = 1
     config.preprocess.train_resize = 32  # unused without crop
     config.preprocess.crop = 0
     config.preprocess.flip = True  # RandomFlip("horizontal")

@@ -62,6 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.preprocess = ml_collections.ConfigDict()
     config.preprocess.size = 48  # evaluation: rescale, resize 32 -> 48
+    # Repeated augmentation (DeiT's RASampler, 3): each batch holds B / repeats examples, each
+    # `repeats` times with its own augmentation, the epoch as long as before; 1: off.
+    config.dataset.repeats = 1
     config.preprocess.train_resize = 52  # training: resize 32 -> 52, random crop 48, flip
     config.preprocess.crop = 48
     config.preprocess.flip = True

@@ -19,6 +19,23 @@ def test_epoch_order_is_a_fixed_permutation_per_epoch():
     assert not np.array_equal(first, data.epoch_order(4, 0, 50))  # another seed
 
 
+def test_repeated_augmentation_repeats_each_example_within_its_batch_across_devices():
+    order = data.epoch_order(3, 0, 100, repeats=3, global_batch=12)
+    np.testing.assert_array_equal(order, data.epoch_order(3, 0, 100, 3, 12))  # deterministic
+    assert len(order) == 96 and order.dtype == np.int32  # 8 steps of 12, as without repeats
+    for batch in order.reshape(8, 12):
+        values, counts = np.unique(batch, return_counts=True)
+        assert len(values) == 4 and set(counts) == {3}
+        for value in values:  # on 4 devices of 3 rows each, the 3 copies on 3 devices
+            assert len(set(np.flatnonzero(batch == value) // 3)) == 3
+    assert len(set(order)) == 32  # each example in one batch only
+    assert set(order) <= set(data.epoch_order(3, 0, 100)[:32])
+    np.testing.assert_array_equal(data.epoch_order(3, 0, 100, 1, 12), data.epoch_order(3, 0, 100))
+    uneven = data.epoch_order(3, 0, 100, repeats=3, global_batch=16)  # 6 examples, cut to 16 rows
+    assert len(uneven) == 96 and sorted(np.unique(uneven[:16], return_counts=True)[1]) == [
+        2, 2, 3, 3, 3, 3]
+
+
 @pytest.mark.parametrize("start, end, k, every, expected", [
     (0, 12, 4, (), [4, 4, 4]),
     (0, 10, 4, (), [4, 4, 1, 1]),  # the epoch's end is not a multiple of 4
