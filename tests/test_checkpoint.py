@@ -401,3 +401,96 @@ def test_checkpoint_from_before_tie_trunk_restores_as_untied_only(tmp_path):
     with pytest.raises(UserError, match=r"model\.tie_trunk: checkpoint False vs config True"):
         ckpt.restore(1, states[True], sums, checkpoint.model_description(configs[True]))
     ckpt.close()
+
+
+def _assert_ends_like(workdir, reference):
+    """The run in `workdir` ended bitwise like the uninterrupted `reference` run, every line kept."""
+    step, params = _final_params(workdir)
+    ref_step, ref_params = _final_params(reference)
+    assert step == ref_step == 60
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert _records(workdir) == _records(reference)
+
+
+@pytest.mark.slow
+def test_signals_during_validation_and_during_its_save_lose_nothing(
+        tmp_path, digits_data_dir, finished_run, monkeypatch, capsys):
+    """SIGTERM while epoch 1 is validated: the validation finishes, the epoch's checkpoint is saved
+    with its metrics, the run says so and stops. A second and a third signal (SIGTERM, SIGINT)
+    while that checkpoint is being written change nothing: it is committed whole, and the relaunch
+    ends bitwise like the uninterrupted run."""
+    workdir = tmp_path / "signals"
+    evaluate, save = train.evaluate, checkpoint.Checkpointer.save
+    sent = []
+
+    def evaluate_under_a_signal(*args, **kwargs):
+        if not sent:  # the first evaluation: epoch 1's validation
+            sent.append("validation")
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+
+    def save_under_signals(self, state, *args, **kwargs):
+        save(self, state, *args, **kwargs)  # the asynchronous write has started
+        if sent == ["validation"]:
+            sent.append("save")
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "evaluate", evaluate_under_a_signal)
+        patch.setattr(checkpoint.Checkpointer, "save", save_under_signals)
+        assert train.train_and_evaluate(_config(digits_data_dir), str(workdir)) is None
+    assert sent == ["validation", "save"]
+    assert "received SIGINT: saved a checkpoint at step 30; relaunch" in capsys.readouterr().out
+    assert int(max(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())) == 30
+    assert "val/top1" in _records(workdir)[-1]  # epoch 1's validation was logged whole
+    train.train_and_evaluate(_config(digits_data_dir), str(workdir))
+    _assert_ends_like(workdir, finished_run[0])
+
+
+@pytest.mark.slow
+def test_permission_denied_while_saving_keeps_the_last_checkpoint(tmp_path, digits_data_dir,
+                                                                  finished_run, monkeypatch):
+    """A checkpoint folder that became unwritable (EACCES from the write of step 40: a real one needs
+    a non-root user, which the tests are not) stops the run with the error; the checkpoints of
+    steps 20 and 30 stay, and the relaunch after the fix resumes from 30 and ends exactly."""
+    import errno
+
+    from attn_jax.errors import describe_environment_error, environment_error
+
+    workdir = tmp_path / "denied"
+    save = checkpoint.Checkpointer.save
+
+    def save_until_denied(self, state, *args, **kwargs):
+        if int(state.step) == 40:
+            raise PermissionError(errno.EACCES, "Permission denied",
+                                  str(workdir / "checkpoints" / "40"))
+        save(self, state, *args, **kwargs)
+
+    with monkeypatch.context() as patch, pytest.raises(OSError) as raised:
+        patch.setattr(checkpoint.Checkpointer, "save", save_until_denied)
+        train.train_and_evaluate(_config(digits_data_dir), str(workdir))
+    assert describe_environment_error(environment_error(raised.value)) == (
+        f"{workdir / 'checkpoints' / '40'}: Permission denied. The last checkpoint is kept: fix "
+        "this, then relaunch the same command to resume from it")
+    kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept[-1] == 30 and not (workdir / "run.lock").exists()
+    train.train_and_evaluate(_config(digits_data_dir), str(workdir))
+    _assert_ends_like(workdir, finished_run[0])
+
+
+@pytest.mark.parametrize("code, cause", [(2, "No such file or directory"),  # a folder deleted
+                                         (13, "Permission denied"),
+                                         (28, "No space left on device"),
+                                         (30, "Read-only file system")])
+def test_each_environment_fault_is_one_line_naming_the_path_and_the_cause(code, cause):
+    from attn_jax.errors import describe_environment_error, environment_error
+
+    fault = OSError(code, os.strerror(code), "/runs/x/checkpoints/40")
+    wrapped = RuntimeError("orbax: the save failed")
+    wrapped.__cause__ = fault
+    line = describe_environment_error(environment_error(wrapped))
+    assert line == (f"/runs/x/checkpoints/40: {cause}. The last checkpoint is kept: fix this, then "
+                    "relaunch the same command to resume from it")
+    assert "\n" not in line
