@@ -29,6 +29,9 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "summary", "attend"
                           "(writes DIR/benchmark.json with --workdir).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best",
                                   "--mode=eval|attend: 'best' (by validation top-1), 'latest' or a step.")
+_PARAMS = flags.DEFINE_enum("params", "raw", ["raw", "ema"],
+                           "--mode=eval|attend: the trained parameters ('raw') or their moving "
+                           "average ('ema': a run with config.ema.decay > 0).")
 _IMAGE = flags.DEFINE_multi_string("image", [], "--mode=attend: an image file (JPEG, PNG, ...; any "
                                    "size); repeat for several. Writes DIR/attend/<name>.png.")
 _SWEEP = flags.DEFINE_bool("sweep", False, "Train every point of the experiment's get_sweep() in "
@@ -174,11 +177,13 @@ def _run_mode(config) -> None:
     if _MODE.value == "summary":
         modes.summarize(config)
     elif _MODE.value == "eval":
-        metrics = modes.evaluate_checkpoint(config, _require_workdir(), _CHECKPOINT.value)
+        metrics = modes.evaluate_checkpoint(config, _require_workdir(), _CHECKPOINT.value,
+                                           params=_PARAMS.value)
         print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in metrics.items()))
     elif _MODE.value == "attend":
-        for result in modes.attend(config, _require_workdir(), _IMAGE.value, _CHECKPOINT.value):
+        for result in modes.attend(config, _require_workdir(), _IMAGE.value, _CHECKPOINT.value,
+                                   params=_PARAMS.value):
             print(modes.format_result(result))
     elif _MODE.value == "benchmark":
         modes.benchmark(config, _WORKDIR.value)

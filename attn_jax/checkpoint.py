@@ -123,6 +123,7 @@ class Checkpointer:
         written. Any other failure to read it propagates (see `restore_latest`).
         """
         self._check_description(step, description)
+        self._check_ema(step, state)
         self._check_shapes(step, state)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, (state, sums))
         restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -178,6 +179,21 @@ class Checkpointer:
             raise UserError(f"the checkpoint at step {step} in {self.directory} was made by a "
                             f"different model or data order ({details}): use another --workdir "
                             "or the matching config")
+
+    def has_ema(self, step: int) -> bool:
+        """Whether the checkpoint at `step` holds an EMA of the parameters (`ema_params`, saved by
+        a run with config.ema.decay > 0)."""
+        return "ema_params" in self.manager.item_metadata(step)["state"]
+
+    def _check_ema(self, step: int, state) -> None:
+        """A checkpoint with an EMA restores into a state with one, and one without into one
+        without (refused before orbax, which would fail as if the checkpoint were unreadable)."""
+        saved, expected = self.has_ema(step), hasattr(state, "ema_params")
+        if saved != expected:
+            raise UserError(f"the checkpoint at step {step} in {self.directory} was saved "
+                            f"{'with' if saved else 'without'} an EMA of the parameters and this "
+                            f"config has {'none' if saved else 'one'}: set config.ema.decay as the "
+                            "run that saved it did")
 
     def _check_shapes(self, step: int, state) -> None:
         saved = self.manager.item_metadata(step)["state"]

@@ -39,32 +39,45 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str | None = None, mes
     return bench.run(config, workdir, mesh)
 
 
-def _restored_run(config: ml_collections.ConfigDict, workdir: Path, which: str,
-                  mesh=None) -> tuple[train.Run, int]:
+def _restored_run(config: ml_collections.ConfigDict, workdir: Path, which: str, mesh=None,
+                  params: str = "raw") -> tuple[train.Run, int]:
     """(the run of `workdir` built as training builds it, with checkpoint `which` ('best', 'latest'
-    or a step) restored into its state; that checkpoint's step). Nothing is written."""
+    or a step) restored into its state; that checkpoint's step). Nothing is written.
+
+    `params`: "raw", the trained parameters, or "ema", their moving average (config.ema), which
+    then stands in the state's `params`. A checkpoint restores whether or not the config keeps an
+    EMA; "ema" needs a checkpoint that holds one."""
+    if params not in ("raw", "ema"):
+        raise UserError(f"--params={params}: use 'raw' or 'ema'")
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep, read_only=True)
     try:
         step = ckpt.resolve(which)
+        saved_ema = ckpt.has_ema(step)
+        if params == "ema" and not saved_ema:
+            raise UserError(f"--params=ema: the checkpoint at step {step} in {ckpt.directory} "
+                            "holds no EMA of the parameters (its run had config.ema.decay = 0): "
+                            "use --params=raw")
         run = train.build_run(config, train.create_mesh() if mesh is None else mesh, workdir)
-        run.state, _ = ckpt.restore(step, run.state, train.zero_sums(run.mesh),
-                                    checkpoint.model_description(config))
+        state, _ = ckpt.restore(step, train.with_ema(run.state, saved_ema),
+                                train.zero_sums(run.mesh), checkpoint.model_description(config))
+        run.state = state.replace(params=state.ema_params) if params == "ema" else state
     finally:
         ckpt.close()
     return run, step
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best",
-                        split: str = "test", mesh=None) -> dict[str, float]:
+                        split: str = "test", mesh=None, params: str = "raw") -> dict[str, float]:
     """--mode=eval: restores checkpoint `which` ('best', 'latest' or a step) of `workdir` and
-    evaluates it on `split`; writes `workdir/eval_<which>_<split>.json`."""
+    evaluates its `params` ("raw" or "ema") on `split`; writes `workdir/eval_<which>_<split>.json`
+    (`eval_<which>_ema_<split>.json` for the EMA)."""
     workdir = Path(workdir)
-    run, step = _restored_run(config, workdir, which, mesh)
+    run, step = _restored_run(config, workdir, which, mesh, params)
     run.compile()
-    metrics = {"step": step, "checkpoint": which,
+    metrics = {"step": step, "checkpoint": which, "params": params,
                **{f"{split}/{k}": v for k, v in run.evaluate(split).items()}}
     if jax.process_index() == 0:
-        path = workdir / f"eval_{which}_{split}.json"
+        path = workdir / f"eval_{which}_{'ema_' if params == 'ema' else ''}{split}.json"
         atomic.write_text(path, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -73,10 +86,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
 # --mode=attend
 # ---------------------------------------------------------------------------------------------
 def attend(config: ml_collections.ConfigDict, workdir: str | Path, paths: list[str],
-           which: str = "best", mesh=None) -> list[dict]:
+           which: str = "best", mesh=None, params: str = "raw") -> list[dict]:
     """--mode=attend: the attention map and top-5 classes of the trained model on each image.
 
-    Restores checkpoint `which` ('best', 'latest' or a step) of `workdir`, resizes each image to the
+    Restores checkpoint `which` ('best', 'latest' or a step) of `workdir` (its `params`, "raw" or
+    "ema"), resizes each image to the
     dataset's image size, preprocesses it as evaluation does, and writes `workdir/attend/<name>.png`,
     the image beside its overlay. Returns, per image,
     {"image", "output", "top5": [(class name, probability), ...]}.
@@ -90,7 +104,7 @@ def attend(config: ml_collections.ConfigDict, workdir: str | Path, paths: list[s
                         "PatchConvNet (config.model.name patch_convnet_tutorial, patch_convnet or "
                         "a preset such as S60)")
     workdir = Path(workdir)
-    run, step = _restored_run(config, workdir, which, mesh)
+    run, step = _restored_run(config, workdir, which, mesh, params)
     size = run.splits["train"].image_shape[:2]  # the dataset's image size (after image_size)
     images = np.stack([inference.to_model_input(image, size) for image in originals])
     probs, attention = inference.predict(run.model, run.state.params, images, config.preprocess,

@@ -27,6 +27,10 @@ MAY_CHANGE = ("log_every_steps", "steps_per_call", "unroll_steps", "eval_batch_s
               "attention_every_epochs", "attention_images", "checkpoint.every_steps",
               "checkpoint.keep", "dataset.data_dir", "dataset.download", "dataset.read_workers",
               "dataset.prefetch", "dataset.resident_limit_mib", "model.impl", "benchmark.")
+# Fields added after runs had been recorded, with the value every earlier run computed with: a record
+# without the entry is read with it (AdamW, no clipping, no accumulation, no EMA).
+ADDED_FIELDS = {"accumulate_steps": 1, "optimizer.name": "adamw", "optimizer.clip_grad_norm": 0.0,
+                "ema.decay": 0.0, "ema.warmup": False}
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "grain",
             "numpy")
 
@@ -64,7 +68,8 @@ def launch_entry(mesh: Mesh) -> dict:
 
 def differences(recorded: dict, config: ml_collections.ConfigDict) -> list[str]:
     """The fields, outside `MAY_CHANGE`, whose values differ between the record and `config`."""
-    old, new = recorded, {k: _jsonable(v) for k, v in leaves(config).items()}
+    new = {k: _jsonable(v) for k, v in leaves(config).items()}
+    old = {**{k: v for k, v in ADDED_FIELDS.items() if k in new}, **recorded}
     keys = sorted(old.keys() | new.keys())
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
             if not k.startswith(MAY_CHANGE) and old.get(k) != new.get(k)]

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -78,13 +79,32 @@ def create_learning_rate_fn(cfg: ml_collections.ConfigDict, total_steps: int) ->
 
 def create_optimizer(cfg: ml_collections.ConfigDict,
                      schedule: optax.Schedule) -> optax.GradientTransformation:
+    """config.optimizer.name: "adamw" (`adamw`) or "lamb" (optax.lamb: You et al. 2020, the
+    PatchConvNet paper's optimizer), both with the same weight-decay mask and schedule; with
+    `clip_grad_norm` > 0 the gradients are first clipped to that global norm
+    (optax.clip_by_global_norm, as timm's --clip-grad with --clip-mode norm). Off, nothing is
+    chained: the optimizer state is the one of runs saved before these options."""
+    mask = functools.partial(weight_decay.decay_mask, exclude=cfg.weight_decay_exclude)
+    if cfg.name == "adamw":
+        tx = adamw(cfg, schedule, mask)
+    elif cfg.name == "lamb":  # the decay is scaled by the learning rate and the trust ratio
+        tx = optax.lamb(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=mask)
+    else:
+        raise UserError(f"config.optimizer.name is {cfg.name!r}: use 'adamw' or 'lamb'")
+    if cfg.clip_grad_norm:
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), tx)
+    return tx
+
+
+def adamw(cfg: ml_collections.ConfigDict, schedule: optax.Schedule,
+          mask: Callable) -> optax.GradientTransformation:
     """AdamW with decoupled weight decay, in one of two conventions (config.optimizer.weight_decay_mode):
 
     - "lr_scaled": p -= lr * (adam + wd * p), as optax.adamw, Keras 3 and PyTorch (EANet tutorial).
     - "per_step": p -= lr * adam + wd * p, as tensorflow-addons' AdamW with a constant weight decay,
       which the PatchConvNet tutorial used: the decay does not follow the learning-rate schedule.
     """
-    mask = functools.partial(weight_decay.decay_mask, exclude=cfg.weight_decay_exclude)
     if cfg.weight_decay_mode == "lr_scaled":
         return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=mask)
@@ -98,16 +118,63 @@ def create_optimizer(cfg: ml_collections.ConfigDict,
                     "use 'lr_scaled' or 'per_step'")
 
 
+class EmaTrainState(TrainState):
+    """A train state that also keeps an exponential moving average of the parameters
+    (config.ema.decay > 0), updated by `update_ema` after every optimizer update. Without EMA a run
+    keeps the plain `TrainState`, so its tree, and its checkpoints, are the ones of earlier runs."""
+
+    ema_params: Any
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
-                       image_shape: tuple[int, int, int], mesh: Mesh) -> TrainState:
-    """Initialises parameters and optimizer state, replicated over `mesh`."""
+                       image_shape: tuple[int, int, int], mesh: Mesh, *,
+                       ema: bool = False) -> TrainState:
+    """Initialises parameters and optimizer state, replicated over `mesh`; with `ema`, an
+    `EmaTrainState` whose average starts at the initial parameters (as timm's ModelEmaV2)."""
 
     def init(key):
         images = jnp.zeros((1, *image_shape), jnp.float32)
         params = model.init(key, images, train=False)["params"]
+        if ema:
+            return EmaTrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                                        ema_params=params)
         return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
     return jax.jit(init, out_shardings=NamedSharding(mesh, PartitionSpec()))(key)
+
+
+def has_ema(state: TrainState) -> bool:
+    return isinstance(state, EmaTrainState)
+
+
+def with_ema(state: TrainState, ema: bool) -> TrainState:
+    """`state` with an EMA slot (a copy of the parameters, to restore a saved average into) or
+    without one: the tree of a checkpoint saved with or without EMA."""
+    if ema == has_ema(state):
+        return state
+    fields = {"step": state.step, "apply_fn": state.apply_fn, "params": state.params,
+              "tx": state.tx, "opt_state": state.opt_state}
+    return EmaTrainState(**fields, ema_params=state.params) if ema else TrainState(**fields)
+
+
+def ema_decay(step: jax.Array, cfg: ml_collections.ConfigDict) -> jax.Array:
+    """The EMA's decay for optimizer update number `step` (0 for the first): config.ema.decay, or
+    with config.ema.warmup min(decay, (1 + step) / (10 + step)), tf.train.ExponentialMovingAverage's
+    `num_updates` warm-up (0.1 at the first update, 0.9 at the 80th, 0.99 at the 890th), so the
+    average forgets the initial parameters early in training. timm's ModelEmaV2 (DeiT) has none."""
+    decay = jnp.asarray(cfg.decay, jnp.float32)
+    if not cfg.warmup:
+        return decay
+    step = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def update_ema(state: EmaTrainState, cfg: ml_collections.ConfigDict) -> EmaTrainState:
+    """After update number `state.step - 1`: ema <- decay * ema + (1 - decay) * params (timm's
+    ModelEmaV2, optax.ema without debiasing), leaf by leaf in float32."""
+    decay = ema_decay(state.step - 1, cfg)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, state.params)
+    return state.replace(ema_params=ema)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,22 +209,72 @@ def means(sums: Metrics) -> dict[str, float]:
 
 def train_step(state: TrainState, batch: dict, key: jax.Array, stats, *,
                config: ml_collections.ConfigDict) -> tuple[TrainState, Metrics]:
-    """One AdamW step on a global batch of uint8 images; returns metric sums over the batch.
+    """One optimizer update on a global batch of uint8 images; returns metric sums over the batch.
 
-    The step's randomness is `fold_in(key, step)`: a resumed run replays the same stream.
+    The step's randomness is `fold_in(key, step)`: a resumed run replays the same stream. The whole
+    batch is augmented at once (one key per example), then `gradients` may split it into
+    micro-batches; with EMA on, the average follows the updated parameters.
     """
     augment_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
     images = preprocess.for_train(batch["images"], augment_key, config.preprocess, stats)
-
-    def loss_fn(params):
-        logits, _ = state.apply_fn({"params": params}, images, train=True,
-                                   rngs={"dropout": dropout_key})
-        losses = cross_entropy(logits, batch["labels"], config.loss.label_smoothing)
-        return jnp.mean(losses), (logits, losses)
-
-    grads, (logits, losses) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, sums = gradients(state, {**batch, "images": images}, dropout_key, config)
     state = state.apply_gradients(grads=grads)
-    return state, metric_sums(logits, batch["labels"], losses, batch["mask"])
+    if config.ema.decay:
+        state = update_ema(state, config.ema)
+    return state, sums
+
+
+def loss_and_sums(params, batch: dict, dropout_key: jax.Array, *, apply_fn: Callable,
+                  config: ml_collections.ConfigDict) -> tuple[jax.Array, Metrics]:
+    """(mean loss, metric sums) of the model on a batch of model inputs: {"images" [B, H, W, C]
+    float32, "labels" [B], "mask" [B]} -> ([], sums)."""
+    logits, _ = apply_fn({"params": params}, batch["images"], train=True,
+                         rngs={"dropout": dropout_key})
+    losses = cross_entropy(logits, batch["labels"], config.loss.label_smoothing)
+    return jnp.mean(losses), metric_sums(logits, batch["labels"], losses, batch["mask"])
+
+
+def gradients(state: TrainState, batch: dict, dropout_key: jax.Array,
+              config: ml_collections.ConfigDict) -> tuple[Any, Metrics]:
+    """The gradient of the batch's mean loss and the batch's metric sums.
+
+    With config.accumulate_steps = k > 1, the batch of B examples is split into k micro-batches of
+    B / k (`micro_batches`), whose gradients a `lax.scan` sums inside this one jitted step, then
+    divides by k: the mean of equal-sized micro-batches' means is the batch's mean, so one optimizer
+    update sees the gradient of the whole batch, and activations are held for B / k examples only.
+    Chosen over optax.MultiSteps, which would make every micro-batch a call that counts as a step:
+    here `state.step`, the schedule, the logged step and the checkpoints all count optimizer updates,
+    the batch still means the examples per update, and no half-accumulated gradient ever needs
+    saving, so resume stays exact. Micro-batch j draws its dropout from fold_in(key, j) (k = 1 keeps
+    the key itself); the augmentation was drawn for the whole batch before the split.
+    """
+    grad_fn = jax.grad(functools.partial(loss_and_sums, apply_fn=state.apply_fn, config=config),
+                       has_aux=True)
+    k = config.accumulate_steps
+    if k == 1:
+        return grad_fn(state.params, batch, dropout_key)
+
+    def micro_step(total, xs):
+        j, micro = xs
+        step = grad_fn(state.params, micro, jax.random.fold_in(dropout_key, j))
+        return jax.tree.map(jnp.add, total, step), None
+
+    micros = micro_batches(batch, k)
+    shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micros),
+                            dropout_key)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (grads, sums), _ = jax.lax.scan(micro_step, zeros, (jnp.arange(k), micros))
+    return jax.tree.map(lambda g: g / k, grads), sums
+
+
+def micro_batches(batch: dict, k: int) -> dict:
+    """[B, ...] -> [k, B / k, ...]: micro-batch j holds examples j, j + k, j + 2k, ... so that each
+    device's contiguous share of the batch holds B / (k * devices) examples of every micro-batch
+    and the split moves no data between devices (hence a batch divisible by k * devices)."""
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
 
 
 def eval_step(state: TrainState, batch: dict, stats, *,
@@ -346,10 +463,20 @@ class Run:
         """What a checkpoint of this run records and a resume checks (`checkpoint.run_description`)."""
         return checkpoint.run_description(self.config)
 
-    def evaluate(self, split: str) -> dict[str, float]:
-        """Mean loss, top-1 and top-5 of the current state on split "train", "val" or "test"."""
-        return evaluate(self.eval_call(), self.state, self.splits[split], self.local_eval_batch,
+    def evaluate(self, split: str, ema: bool = False) -> dict[str, float]:
+        """Mean loss, top-1 and top-5 of the current state on split "train", "val" or "test"; with
+        `ema`, of its EMA parameters (the same compiled step: the same tree, the params swapped)."""
+        state = self.state.replace(params=self.state.ema_params) if ema else self.state
+        return evaluate(self.eval_call(), state, self.splits[split], self.local_eval_batch,
                         self.mesh, self.stats)
+
+    def evaluate_logged(self, split: str) -> dict[str, float]:
+        """`evaluate(split)` as logged: {"val/loss", ...}, and with EMA {"val/ema_loss", ...}."""
+        metrics = _prefixed(split, self.evaluate(split))
+        if has_ema(self.state):
+            metrics |= {f"{split}/ema_{k}": v for k, v in self.evaluate(split, ema=True).items()
+                        if k != "examples"}
+        return metrics
 
 
 def load_splits(config: ml_collections.ConfigDict) -> dict[str, data.Split]:
@@ -373,6 +500,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path) -> R
     """Loads the splits and builds the model, optimizer, initial state and jitted eval step."""
     validate.check(config)
     data.local_batch_size(config.batch_size, mesh)  # a clear error for a batch that does not divide
+    check_accumulation(config.batch_size, config.accumulate_steps, mesh)
     local_eval_batch = data.local_batch_size(config.eval_batch_size, mesh)
     splits = load_splits(config)
     steps_per_epoch = splits["train"].num_examples // config.batch_size
@@ -392,7 +520,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path) -> R
     schedule = create_learning_rate_fn(config.optimizer, total_steps)
     tx = create_optimizer(config.optimizer, schedule)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    state = create_train_state(model, tx, init_key, image_shape, mesh)
+    state = create_train_state(model, tx, init_key, image_shape, mesh, ema=config.ema.decay > 0)
     # Replicated over the mesh once, so no call re-shards them (a jitted identity: device_put cannot
     # place on other processes' devices).
     train_key, stats = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, PartitionSpec()))(
@@ -400,6 +528,16 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path) -> R
     return Run(config, mesh, splits, local_eval_batch, steps_per_epoch, total_steps, model,
                summary.total_params(model, image_shape), schedule, state,
                jit_eval_step(config, mesh), train_key, stats)
+
+
+def check_accumulation(batch_size: int, k: int, mesh: Mesh) -> None:
+    """A `UserError` unless the global batch splits into k micro-batches spread evenly over the
+    mesh's devices (`micro_batches`)."""
+    devices = mesh.devices.size
+    if batch_size % (k * devices):
+        raise UserError(f"config.batch_size {batch_size} does not split into "
+                        f"config.accumulate_steps={k} micro-batches over {devices} devices: use a "
+                        f"multiple of {k * devices}")
 
 
 def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -564,9 +702,9 @@ def _end_epoch(run: Run, log: MetricsLog, ckpt: checkpoint.Checkpointer, pace: p
     is, and draws the attention maps when due. Not counted in the training throughput."""
     config = run.config
     with pace.paused():
-        val = run.evaluate("val")
-        log.write(step, epoch, _prefixed("val", val))
-        ckpt.save(run.state, sums, run.description, metrics=_prefixed("val", val))
+        val = run.evaluate_logged("val")
+        log.write(step, epoch, val)
+        ckpt.save(run.state, sums, run.description, metrics=val)
         log.info(f"epoch {epoch}/{config.num_epochs} step {step}: {log.epoch_line()} | "
                  f"{pace.median():.0f} img/s | ETA {format_duration(pace.eta(step))}")
         if (every := config.get("attention_every_epochs", 0)) and epoch % every == 0:
@@ -577,12 +715,12 @@ def _finish(run: Run, log: MetricsLog, ckpt: checkpoint.Checkpointer, pace: prog
             seconds: float, stop: StopSignals) -> dict:
     """Evaluates on the test split and writes the results: `summary.json` and `curves.png`."""
     config = run.config
-    test = run.evaluate("test")
-    log.write(run.step, config.num_epochs, _prefixed("test", test))
+    test = run.evaluate_logged("test")
+    log.write(run.step, config.num_epochs, test)
     final = {**log.latest(), "num_params": run.num_params,
              "train_images_per_s": pace.median() or None, "wall_time_s": seconds}
-    log.info(f"test: loss {test['loss']:.4f} top1 {100 * test['top1']:.2f}% "
-             f"top5 {100 * test['top5']:.2f}%")
+    log.info(f"test: loss {test['test/loss']:.4f} top1 {100 * test['test/top1']:.2f}% "
+             f"top5 {100 * test['test/top5']:.2f}%")
     log.write_json("summary.json", final)
     if log.is_writer:
         attention_maps.plot_curves(log.workdir / "metrics.jsonl", log.workdir / "curves.png")
@@ -603,6 +741,10 @@ def _stopped_before_training(ckpt: checkpoint.Checkpointer, signal_name: str, st
     ckpt.close()
 
 
+def _micro_batches_note(k: int) -> str:
+    return f" (accumulated over {k} micro-batches)" if k > 1 else ""
+
+
 def _log_start(log: MetricsLog, run: Run, ckpt: checkpoint.Checkpointer, resumed: bool,
                compile_seconds: float) -> None:
     config = run.config
@@ -610,7 +752,8 @@ def _log_start(log: MetricsLog, run: Run, ckpt: checkpoint.Checkpointer, resumed
         log.info(f"resumed from the checkpoint at step {run.step} in {ckpt.directory}")
     log.info(f"{config.model.name}: {run.num_params:,} parameters; {run.steps_per_epoch} steps/"
              f"epoch x {config.num_epochs} epochs on {run.mesh.devices.size} device(s) "
-             f"({jax.default_backend()}), global batch {config.batch_size}, "
+             f"({jax.default_backend()}), global batch {config.batch_size}"
+             f"{_micro_batches_note(config.accumulate_steps)}, "
              f"{config.steps_per_call} step(s) per call, training data "
              f"{'on the devices' if run.feed.resident else 'streamed'}; eval step compiled in "
              f"{compile_seconds:.1f}s")

@@ -76,6 +76,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "seed": integer(0),
     "dtype": one_of("float32", "bfloat16", "auto"),
     "batch_size": integer(1),
+    "accumulate_steps": integer(1),  # micro-batches per optimizer update; 1: off
     "eval_batch_size": integer(1),
     "num_epochs": integer(1),
     "log_every_steps": integer(1),
@@ -117,6 +118,8 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
                                         "drop_path_rate")},
     "model.layer_scale_init": POSITIVE,
     "model.mlp_ratio": POSITIVE,
+    "optimizer.name": one_of("adamw", "lamb"),
+    "optimizer.clip_grad_norm": number(0.0),  # the gradients' global norm at most this; 0: off
     "optimizer.learning_rate": POSITIVE,
     "optimizer.schedule": one_of("constant", "warmup_cosine"),
     "optimizer.warmup_fraction": FRACTION,
@@ -127,6 +130,8 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "optimizer.b2": FRACTION,
     "optimizer.eps": POSITIVE,
     "loss.label_smoothing": FRACTION,
+    "ema.decay": FRACTION,  # 0: no EMA of the parameters
+    "ema.warmup": BOOLEAN,
     "checkpoint.every_steps": integer(0),
     "checkpoint.keep": integer(1),
     "benchmark.warmup": integer(0),
@@ -174,6 +179,20 @@ def _cross_field(config: ml_collections.ConfigDict) -> None:
                         f"preprocess.size ({p.size}) and be at most preprocess.train_resize "
                         f"({p.train_resize}); or set crop to 0")
     _model_shapes(config.model, p.size)
+    _optimizer(config)
+
+
+def _optimizer(config: ml_collections.ConfigDict) -> None:
+    """LAMB decays inside its trust ratio, so only the learning-rate-scaled convention applies; the
+    batch must split into whole micro-batches (over the devices too: `train.check_accumulation`)."""
+    o = config.optimizer
+    if o.name == "lamb" and o.weight_decay_mode != "lr_scaled":
+        raise UserError(f"config.optimizer.weight_decay_mode is {o.weight_decay_mode!r}: LAMB "
+                        "scales its weight decay by the learning rate and the trust ratio; use "
+                        "'lr_scaled' with optimizer.name 'lamb'")
+    if config.batch_size % config.accumulate_steps:
+        raise UserError(f"config.accumulate_steps is {config.accumulate_steps}: it must divide "
+                        f"config.batch_size ({config.batch_size}) into equal micro-batches")
 
 
 def _model_shapes(m: ml_collections.ConfigDict, size: int) -> None:

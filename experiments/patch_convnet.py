@@ -33,7 +33,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 42
     config.dtype = "float32"  # "float32" | "bfloat16" | "auto" (bfloat16 on GPU/TPU)
-    config.batch_size = 128  # global, over all devices
+    config.batch_size = 128  # global, over all devices: the examples per optimizer update
+    # Gradient accumulation: k > 1 computes each update's gradient in k micro-batches of
+    # batch_size / k (a k-th of the activation memory), the same update; 1: off.
+    config.accumulate_steps = 1
     config.eval_batch_size = 128
     config.num_epochs = 50
     config.log_every_steps = 100
@@ -89,6 +92,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.tie_trunk = True
 
     config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "adamw"  # "adamw" | "lamb" (LAMB: weight_decay_mode "lr_scaled")
+    config.optimizer.clip_grad_norm = 0.0  # clip the gradients' global norm to this first; 0: off
     config.optimizer.learning_rate = 1e-3
     config.optimizer.schedule = "warmup_cosine"  # linear warm-up from 0, cosine decay to 0
     config.optimizer.warmup_fraction = 0.15
@@ -101,6 +106,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.loss = ml_collections.ConfigDict()
     config.loss.label_smoothing = 0.0
+
+    # An exponential moving average of the parameters, evaluated beside them after every epoch
+    # (val/ema_top1, ...), saved in the checkpoints, chosen by --mode=eval|attend --params=ema.
+    config.ema = ml_collections.ConfigDict()
+    config.ema.decay = 0.0  # 0: off (the tutorial); DeiT's code keeps one with 0.99996
+    config.ema.warmup = False  # True: min(decay, (1 + step) / (10 + step)), TensorFlow's warm-up
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 0  # 0: at the end of every epoch (always saved there too)

@@ -23,12 +23,13 @@ from attn_jax.bench.compilations import count_compilations
 from attn_jax.errors import UserError
 
 # A tiny PatchConvNet on 480 digits: 30 steps per epoch, 2 epochs, a checkpoint every 10 steps and
-# a log line every step (so the test can see the step the run has reached).
+# a log line every step (so the test can see the step the run has reached); an EMA of the parameters
+# (decay 0.9 after a warm-up, so it stays well apart from them), saved and resumed with the rest.
 OVERRIDES = {"dataset.train_split": "train[:480]", "dataset.val_split": "train[1150:1270]",
              "dataset.test_split": "test[:128]",
              "batch_size": 16, "eval_batch_size": 64, "num_epochs": 2, "log_every_steps": 1,
              "preprocess.size": 16, "preprocess.train_resize": 18, "preprocess.crop": 16,
-             "model.dim": 16, "checkpoint.every_steps": 10}
+             "model.dim": 16, "checkpoint.every_steps": 10, "ema.decay": 0.9, "ema.warmup": True}
 
 
 def _config(data_dir):
@@ -61,12 +62,18 @@ def _records(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _final_params(workdir):
+def _final_state(workdir):
+    """(the latest checkpoint's step, its train state as saved: a dict of params, ema_params, ...)."""
     manager = ocp.CheckpointManager(workdir / "checkpoints",
                                     item_handlers={"state": ocp.StandardCheckpointHandler()})
     restored = manager.restore(manager.latest_step(),
                                args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return manager.latest_step(), restored["state"]["params"]
+    return manager.latest_step(), restored["state"]
+
+
+def _final_params(workdir):
+    step, state = _final_state(workdir)
+    return step, state["params"]
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +129,15 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, digits_
     resumed_from = int(out.split("resumed from the checkpoint at step ")[1].split()[0])
     assert saved_at <= resumed_from <= killed_at  # a save in flight at the kill is not restored
 
-    step, params = _final_params(workdir)
-    ref_step, ref_params = _final_params(reference)
+    (step, state), (ref_step, ref_state) = _final_state(workdir), _final_state(reference)
     assert step == ref_step == 60
-    for a, b in zip(jax_leaves(params), jax_leaves(ref_params), strict=True):
-        np.testing.assert_array_equal(a, b)  # bitwise
-    assert _records(workdir) == _records(reference)  # no line lost or duplicated
+    for part in ("params", "ema_params"):  # the EMA too, bitwise
+        for a, b in zip(jax_leaves(state[part]), jax_leaves(ref_state[part]), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(  # an average, not a copy
+        jax_leaves(state["params"]), jax_leaves(state["ema_params"]), strict=True))
+    assert _records(workdir) == _records(reference)  # no line lost or duplicated (val/ema_top1 too)
+    assert any("val/ema_top1" in r for r in _records(workdir))
 
 
 def jax_leaves(tree):
@@ -141,6 +151,9 @@ def test_eval_mode_reproduces_the_final_test_metrics(digits_data_dir, finished_r
     assert metrics["step"] == 60
     for key in ("test/loss", "test/top1", "test/top5"):
         assert metrics[key] == final[key]
+    ema = modes.evaluate_checkpoint(_config(digits_data_dir), str(workdir), "latest", params="ema")
+    for key in ("loss", "top1", "top5"):
+        assert ema[f"test/{key}"] == final[f"test/ema_{key}"]
     assert json.loads((workdir / "eval_latest_test.json").read_text())["test/top1"] == final["test/top1"]
     best = modes.evaluate_checkpoint(_config(digits_data_dir), str(workdir), "best")
     best_val = max(r["val/top1"] for r in _records(workdir) if "val/top1" in r)

@@ -59,6 +59,32 @@ def test_eval_mode_evaluates_a_checkpoint_and_writes_the_metrics(saved, digits_d
     assert json.loads((saved / "eval_latest_test.json").read_text()) == metrics
 
 
+def test_params_ema_evaluates_the_average_and_needs_one(saved, digits_data_dir, tmp_path):
+    """--params=ema on a checkpoint without an EMA is one line; a checkpoint with one evaluates
+    under a config with or without EMA, its raw and its EMA parameters (equal at step 0), and a
+    state without an EMA slot is refused that checkpoint before orbax reads it."""
+    with pytest.raises(UserError, match=r"^--params=ema: the checkpoint at step 0 in .* holds no EMA "
+                                        r"of the parameters .*: use --params=raw$"):
+        modes.evaluate_checkpoint(_config(digits_data_dir), str(saved), "latest", params="ema")
+    config = _config(digits_data_dir)
+    config.ema.decay = 0.9
+    run = train.build_run(config, train.create_mesh(), tmp_path)
+    assert train.has_ema(run.state)
+    ckpt = checkpoint.Checkpointer(tmp_path, config.checkpoint.keep)
+    ckpt.save(run.state, train.zero_sums(run.mesh), checkpoint.model_description(config))
+    ckpt.wait()
+    with pytest.raises(UserError, match=r"saved with an EMA of the parameters and this config has "
+                                        r"none: set config.ema.decay"):
+        ckpt.restore(0, train.with_ema(run.state, False), train.zero_sums(run.mesh),
+                     checkpoint.model_description(config))
+    ckpt.close()
+    raw = modes.evaluate_checkpoint(_config(digits_data_dir), str(tmp_path), "latest")
+    ema = modes.evaluate_checkpoint(_config(digits_data_dir), str(tmp_path), "latest", params="ema")
+    assert (raw["params"], ema["params"]) == ("raw", "ema")
+    assert raw["test/top1"] == ema["test/top1"] and raw["test/loss"] == ema["test/loss"]
+    assert json.loads((tmp_path / "eval_latest_ema_test.json").read_text()) == ema
+
+
 def _images(directory):
     """A grayscale PNG, an RGBA PNG and an odd-sized RGB JPEG."""
     rng = np.random.default_rng(0)

@@ -230,3 +230,145 @@ def test_bfloat16_computes_in_bfloat16_with_float32_parameters_and_loss(tiny_con
     assert sums["loss"].dtype == jnp.float32 and bool(jnp.isfinite(sums["loss"]))
     assert {p.dtype for p in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}
     assert models.compute_dtype("auto") == jnp.float32  # on CPU
+
+
+# The optimizer side of the modern stack: gradient clipping, LAMB, gradient accumulation, and the
+# EMA of the parameters.
+
+def _optimizer_config(tiny_config, **fields):
+    cfg = tiny_config().optimizer
+    cfg.update(weight_decay_mode="lr_scaled", **fields)
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb"])
+def test_clipping_gives_the_optimizer_the_gradient_scaled_to_the_bound(tiny_config, name):
+    """With clip_grad_norm 1, a gradient of global norm 50 updates as the same gradient divided by
+    50, and one of norm 0.5 as itself (two steps: Adam's moments remember the first)."""
+    params = {"a": jnp.ones(3), "b": jnp.full((2, 2), 0.5)}
+    big = {"a": jnp.array([30.0, -40.0, 0.0]), "b": jnp.zeros((2, 2))}  # global norm 50
+    small = {"a": jnp.array([0.3, 0.0, 0.4]), "b": jnp.zeros((2, 2))}  # global norm 0.5
+
+    def two_updates(cfg, grads):
+        tx = train.create_optimizer(cfg, optax.constant_schedule(0.1))
+        state, p = tx.init(params), params
+        for g in grads:
+            updates, state = tx.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+        return p
+
+    clipped = two_updates(_optimizer_config(tiny_config, name=name, clip_grad_norm=1.0),
+                          [big, small])
+    by_hand = two_updates(_optimizer_config(tiny_config, name=name, clip_grad_norm=0.0),
+                          [jax.tree.map(lambda g: g / 50.0, big), small])
+    unclipped = two_updates(_optimizer_config(tiny_config, name=name, clip_grad_norm=0.0),
+                            [big, small])
+    for a, b in zip(jax.tree.leaves(clipped), jax.tree.leaves(by_hand), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert not np.allclose(clipped["a"], unclipped["a"], rtol=1e-4)  # the clip changed something
+
+
+def test_lamb_first_step_by_hand(tiny_config):
+    """LAMB's first update (You et al. 2020, Algorithm 2): Adam's bias-corrected m / (sqrt(v) + eps)
+    is g / (|g| + eps); weight decay is added where the mask allows; each leaf is scaled by the
+    trust ratio ||p|| / ||u||, then by -lr."""
+    lr, wd, eps = 0.1, 0.01, 1e-6
+    cfg = _optimizer_config(tiny_config, name="lamb", weight_decay=wd, eps=eps,
+                            weight_decay_exclude=("cls_token",))
+    params = {"w": jnp.array([[1.0, 2.0], [2.0, -1.0]]), "cls_token": jnp.array([0.5, -0.5, 1.0])}
+    grads = {"w": jnp.array([[0.1, -0.2], [0.3, 0.05]]), "cls_token": jnp.array([1.0, 2.0, -3.0])}
+    tx = train.create_optimizer(cfg, optax.constant_schedule(lr))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for name, decayed in (("w", True), ("cls_token", False)):
+        p, g = np.asarray(params[name], np.float64), np.asarray(grads[name], np.float64)
+        u = g / (np.abs(g) + eps) + (wd * p if decayed else 0.0)
+        expected = -lr * np.linalg.norm(p) / np.linalg.norm(u) * u
+        np.testing.assert_allclose(updates[name], expected, rtol=1e-6)
+
+
+def test_lamb_with_per_step_decay_is_refused(tiny_config):
+    from attn_jax import validate
+
+    config = tiny_config(**{"optimizer.name": "lamb", "optimizer.weight_decay_mode": "per_step"})
+    with pytest.raises(UserError, match=r"^config.optimizer.weight_decay_mode is 'per_step': LAMB"):
+        validate.check(config)
+
+
+def _one_step(config, mesh, batch):
+    """(parameters, metric sums) after one train step of `config` on `batch` from a fixed state."""
+    model = models.create_model(config, 10)
+    tx = train.create_optimizer(config.optimizer,
+                                train.create_learning_rate_fn(config.optimizer, 10))
+    state = train.create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh,
+                                     ema=config.ema.decay > 0)
+    initial = jax.device_get(state)
+    state, sums = train.jit_steps(config, mesh)[0](state, data.to_global(batch, mesh),
+                                                   jax.random.key(1), None)
+    return initial, jax.device_get(state), jax.device_get(sums)
+
+
+@pytest.mark.parametrize("k, devices", [(2, 8), (4, 1)])
+def test_accumulated_micro_batches_give_the_update_of_the_whole_batch(tiny_config, k, devices):
+    """k micro-batches of 16 / k and one batch of 16 give the same parameters after a step, to float
+    tolerance. Dropout off (each micro-batch draws its own masks); crop and flip on: the whole batch
+    is augmented, one key per example, before it is split, so every example sees the same pixels."""
+    rng = np.random.default_rng(0)
+    batch = {"images": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+             "labels": rng.integers(0, 10, 16).astype(np.int32), "mask": np.ones(16, bool)}
+    off = {"model.attention_dropout": 0.0, "model.mlp_dropout": 0.0,
+           "optimizer.schedule": "constant"}
+    initial, whole, whole_sums = _one_step(tiny_config(**off), train.create_mesh(), batch)
+    _, micro, micro_sums = _one_step(tiny_config(**off, accumulate_steps=k),
+                                     train.create_mesh(jax.devices()[:devices]), batch)
+    assert int(micro.step) == int(whole.step) == 1  # one optimizer update
+    moved, differ = (max(float(np.max(np.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(x), jax.tree.leaves(y), strict=True))
+        for x, y in ((initial.params, whole.params), (whole.params, micro.params)))
+    # Adam's first update is lr * g / (|g| + eps): last-bit differences of near-zero gradients
+    # (another summation order) move a parameter by up to lr, so the bound is loose on purpose.
+    assert moved > 100 * differ
+    np.testing.assert_allclose(micro_sums["loss"], whole_sums["loss"], rtol=1e-5)
+    assert micro_sums["top1"] == whole_sums["top1"] and micro_sums["count"] == 16
+
+
+def test_a_batch_that_does_not_split_into_micro_batches_is_refused(tiny_config):
+    from attn_jax import validate
+
+    with pytest.raises(UserError, match=r"^config.accumulate_steps is 3: it must divide "
+                                        r"config.batch_size \(16\)"):
+        validate.check(tiny_config(accumulate_steps=3))
+    with pytest.raises(UserError, match=r"^config.batch_size 16 does not split into "
+                                        r"config.accumulate_steps=4 micro-batches over 8 devices: "
+                                        r"use a multiple of 32$"):
+        train.check_accumulation(16, 4, train.create_mesh())
+
+
+def test_ema_update_by_hand(tiny_config):
+    """ema <- d * ema + (1 - d) * params after update t (0 for the first), d = decay, or with the
+    warm-up min(decay, (1 + t) / (10 + t))."""
+    cfg = tiny_config().ema
+    cfg.decay = 0.99
+    params, ema = {"w": jnp.array([1.0, -2.0])}, {"w": jnp.array([3.0, 5.0])}
+    state = train.EmaTrainState(step=jnp.array(1), apply_fn=None, params=params, tx=None,
+                                opt_state=(), ema_params=ema)
+    for warmup, step, d in ((False, 1, 0.99), (True, 1, 0.1), (True, 81, 0.9),
+                            (True, 2000, 0.99)):
+        cfg.warmup = warmup
+        new = train.update_ema(state.replace(step=jnp.array(step)), cfg).ema_params["w"]
+        np.testing.assert_allclose(new, d * np.array([3.0, 5.0]) + (1 - d) * np.array([1.0, -2.0]),
+                                   rtol=1e-6)
+
+
+def test_ema_follows_the_train_step_and_is_absent_when_off(tiny_config):
+    """With EMA on, one step leaves ema = d * initial + (1 - d) * new parameters; with it off the
+    state is the plain TrainState of earlier runs (same tree, so their checkpoints restore)."""
+    rng = np.random.default_rng(0)
+    batch = {"images": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+             "labels": rng.integers(0, 10, 16).astype(np.int32), "mask": np.ones(16, bool)}
+    config = tiny_config(**{"ema.decay": 0.9, "optimizer.schedule": "constant"})
+    initial, state, _ = _one_step(config, train.create_mesh(), batch)
+    for i, p, e in zip(jax.tree.leaves(initial.params), jax.tree.leaves(state.params),
+                       jax.tree.leaves(state.ema_params), strict=True):
+        np.testing.assert_allclose(e, 0.9 * i + 0.1 * p, rtol=1e-5, atol=1e-7)
+    off = _one_step(tiny_config(), train.create_mesh(), batch)[1]
+    assert type(off) is train.TrainState and not train.has_ema(off)
