@@ -30,7 +30,13 @@ MAY_CHANGE = ("log_every_steps", "steps_per_call", "unroll_steps", "eval_batch_s
 # Fields added after runs had been recorded, with the value every earlier run computed with: a record
 # without the entry is read with it (AdamW, no clipping, no accumulation, no EMA).
 ADDED_FIELDS = {"accumulate_steps": 1, "optimizer.name": "adamw", "optimizer.clip_grad_norm": 0.0,
-                "ema.decay": 0.0, "ema.warmup": False}
+                "ema.decay": 0.0, "ema.warmup": False,
+                # the augmentations of the modern stack, off, with the experiments' other values
+                "dataset.repeats": 1, "preprocess.randaugment_ops": 0,
+                "preprocess.randaugment_magnitude": 9.0, "preprocess.randaugment_magnitude_std": 0.5,
+                "preprocess.erase_prob": 0.0, "preprocess.erase_area": [0.02, 1 / 3],
+                "preprocess.erase_aspect": [0.3, 1 / 0.3], "mixup.mixup_alpha": 0.0,
+                "mixup.cutmix_alpha": 0.0, "mixup.switch_prob": 0.5, "mixup.prob": 1.0}
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "grain",
             "numpy")
 

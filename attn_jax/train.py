@@ -32,6 +32,7 @@ from attn_jax import (
     checkpoint,
     data,
     inference,
+    mixing,
     models,
     normalization,
     preprocess,
@@ -182,7 +183,14 @@ def update_ema(state: EmaTrainState, cfg: ml_collections.ConfigDict) -> EmaTrain
 # ---------------------------------------------------------------------------------------------
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
     """Per-example softmax cross-entropy in float32, with label smoothing: [B, C], [B] -> [B]."""
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return soft_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+
+
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float) -> jax.Array:
+    """`cross_entropy` against target distributions (Mixup/CutMix's mixed one-hots), smoothed as
+    one-hot labels are: [B, C], [B, C] -> [B]. Smoothing is linear, so smoothing the mixed targets is
+    mixing the smoothed ones, timm's mixup_target."""
+    targets = optax.smooth_labels(targets, smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
@@ -216,12 +224,26 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, stats, *,
     micro-batches; with EMA on, the average follows the updated parameters.
     """
     augment_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
+    if mixing.enabled(config.get("mixup")):  # a key of its own only then: the rest draw as before
+        augment_key, mix_key = jax.random.split(augment_key)
     images = preprocess.for_train(batch["images"], augment_key, config.preprocess, stats)
+    if mixing.enabled(config.get("mixup")):
+        images, batch = mixed(images, batch, mix_key, config)
     grads, sums = gradients(state, {**batch, "images": images}, dropout_key, config)
     state = state.apply_gradients(grads=grads)
     if config.ema.decay:
         state = update_ema(state, config.ema)
     return state, sums
+
+
+def mixed(images: jax.Array, batch: dict, key: jax.Array,
+          config: ml_collections.ConfigDict) -> tuple[jax.Array, dict]:
+    """Mixup or CutMix of the whole global batch (`mixing.mix_batch`, config.mixup): the mixed
+    images, and the batch with "targets" [B, C] for the loss and "labels" the dominant label of each
+    mixed example, against which the train top-1 and top-5 are measured."""
+    images, targets, dominant = mixing.mix_batch(images, batch["labels"],
+                                                 config.dataset.num_classes, key, config.mixup)
+    return images, {**batch, "labels": dominant, "targets": targets}
 
 
 def loss_and_sums(params, batch: dict, dropout_key: jax.Array, *, apply_fn: Callable,
@@ -230,7 +252,10 @@ def loss_and_sums(params, batch: dict, dropout_key: jax.Array, *, apply_fn: Call
     float32, "labels" [B], "mask" [B]} -> ([], sums)."""
     logits, _ = apply_fn({"params": params}, batch["images"], train=True,
                          rngs={"dropout": dropout_key})
-    losses = cross_entropy(logits, batch["labels"], config.loss.label_smoothing)
+    if "targets" in batch:  # Mixup / CutMix: soft targets; "labels" holds the dominant label
+        losses = soft_cross_entropy(logits, batch["targets"], config.loss.label_smoothing)
+    else:
+        losses = cross_entropy(logits, batch["labels"], config.loss.label_smoothing)
     return jnp.mean(losses), metric_sums(logits, batch["labels"], losses, batch["mask"])
 
 

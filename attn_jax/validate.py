@@ -61,6 +61,13 @@ def sizes() -> Rule:
         and all(integer(1)[1](s) for s in v)
 
 
+def ordered_pair(rule: Rule) -> Rule:
+    """A (low, high) range: two values that each pass `rule`, low <= high."""
+    allowed, test = rule
+    return f"a pair (low, high), low <= high, each {allowed}", lambda v: (
+        isinstance(v, tuple | list) and len(v) == 2 and all(test(x) for x in v) and v[0] <= v[1])
+
+
 BOOLEAN: Rule = ("True or False", lambda v: isinstance(v, bool))
 FRACTION = number(0.0, 1.0, open_high=True)  # dropout rates, label smoothing, Adam's betas
 POSITIVE = number(0.0, open_low=True)
@@ -97,6 +104,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "dataset.resident_limit_mib": optional(integer(0)),
     "dataset.read_workers": optional(integer(0)),
     "dataset.prefetch": integer(1),
+    "dataset.repeats": integer(1),  # repeated augmentation (DeiT's RASampler: 3); 1: off
     "preprocess.size": integer(1),
     "preprocess.train_resize": integer(1),
     "preprocess.crop": integer(0),
@@ -105,7 +113,20 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "preprocess.contrast": number(0.0, 1.0, open_high=True),  # factor in [1 - c, 1 + c]
     "preprocess.zoom": number(0.0, 1.0, open_high=True),
     "preprocess.normalize": one_of("rescale", "standardize"),
-    "dataset.repeats": integer(1),  # repeated augmentation (DeiT's RASampler: 3); 1: off
+    # timm's RandAugment (rand-m9-mstd0.5-inc1: 2 ops, magnitude 9 of 10, noise 0.5); 0 ops: off
+    "preprocess.randaugment_ops": integer(0),
+    "preprocess.randaugment_magnitude": number(0.0, 10.0),
+    "preprocess.randaugment_magnitude_std": number(0.0),
+    # timm's RandomErasing (mode "pixel", one box): probability 0 is off; the box's area as a
+    # fraction of the image, its height / width ratio
+    "preprocess.erase_prob": number(0.0, 1.0),
+    "preprocess.erase_area": ordered_pair(number(0.0, 1.0, open_low=True)),
+    "preprocess.erase_aspect": ordered_pair(POSITIVE),
+    # timm's Mixup / CutMix, batch-wise: both alphas 0 is off
+    "mixup.mixup_alpha": number(0.0),
+    "mixup.cutmix_alpha": number(0.0),
+    "mixup.switch_prob": number(0.0, 1.0),  # CutMix rather than Mixup when both are on
+    "mixup.prob": number(0.0, 1.0),  # a batch is mixed with this probability
     "model.name": lambda: one_of(*_model_names()),
     "model.attention": one_of("external", "self"),
     "model.impl": one_of("auto", "reference", "fast"),
