@@ -10,6 +10,12 @@ decodes an example with numpy and PIL. The training order is one function of (se
 - **streamed** (`StreamedFeed`): larger splits (ImageNet) are read batch by batch by grain worker
   processes, which decode and resize; each process reads only its rows of every global batch.
 
+Images of mixed sizes are brought to one size on the host, per image and before batching, by a host
+view (config.dataset): `Squash` to image_size x image_size (crop "resize", the default), Inception's
+random-resized crop of the image at its true size (crop "inception", DeiT's training crop; the
+training split then always streams), and for evaluation the shorter side resized to image_size /
+eval_crop_fraction and the centre image_size x image_size kept (DeiT's and timm's 0.875).
+
 Both give the same global batches for the same seed, and a resumed run starts at its step without
 replaying the epoch. Evaluation sees every example exactly once: each process reads a contiguous
 shard, padded to full batches with mask=False.
@@ -45,33 +51,169 @@ STACKED_BATCH_AXIS = PartitionSpec(None, "data")  # [steps, batch, ...]: the ste
 
 
 # ---------------------------------------------------------------------------------------------
+# Host views: how one decoded image becomes a fixed-size one, before the batch is stacked
+# ---------------------------------------------------------------------------------------------
+def pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [H, W, C] -> [height, width, C] by PIL's bilinear filter, which widens its support
+    when shrinking (antialiased), as torchvision's resize of a PIL image and its antialias=True do."""
+    if image.shape[:2] == (height, width):
+        return image
+    from PIL import Image
+
+    resized = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).resize(
+        (width, height), Image.Resampling.BILINEAR)
+    return np.asarray(resized).reshape(height, width, image.shape[-1])
+
+
+def fixed_size(image: np.ndarray, size: int | None) -> np.ndarray:
+    """config.dataset.image_size: a size x size uint8 copy of `image` (PIL bilinear, antialiased when
+    shrinking; the aspect ratio is not kept); None keeps the native size."""
+    if not size:
+        return image
+    return pil_resize(image, size, size)
+
+
+def center_crop_box(height: int, width: int, size: int, fraction: float) -> tuple[int, int, int, int]:
+    """The evaluation crop of timm and DeiT (`transforms.Resize(int(size / fraction))`, then
+    `CenterCrop(size)`): (new_height, new_width, top, left): the shorter side resized to
+    int(size / fraction) and the longer one in proportion (truncated, as torchvision's Resize),
+    then the centred size x size window (torchvision's CenterCrop rounds its offsets)."""
+    short = int(size / fraction)
+    if width <= height:
+        new_height, new_width = int(short * height / width), short
+    else:
+        new_height, new_width = short, int(short * width / height)
+    return (new_height, new_width, int(round((new_height - size) / 2.0)),
+            int(round((new_width - size) / 2.0)))
+
+
+def inception_box(height: int, width: int, rng: np.random.Generator, scale: Sequence[float],
+                  ratio: Sequence[float]) -> tuple[int, int, int, int]:
+    """Inception's random crop, (top, left, crop height, crop width), by torchvision's
+    `RandomResizedCrop.get_params` (torchvision/transforms/transforms.py): up to 10 attempts of an
+    area fraction uniform in `scale` and a width / height ratio log-uniform in `ratio`, rounded to
+    whole pixels, kept when it fits, at a uniform position; else the central fallback: the whole
+    image, cut to the nearer end of `ratio` when its own ratio lies outside."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@dataclasses.dataclass(frozen=True)
+class Squash:
+    """Every image resized to size x size (`fixed_size`), its aspect ratio lost: the training view
+    of config.dataset.crop = "resize", and the evaluation one with eval_crop_fraction 1."""
+
+    size: int | None
+    random = False
+
+    def __call__(self, image: np.ndarray, key: Sequence[int] | None = None) -> np.ndarray:
+        return fixed_size(image, self.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class CenterCrop:
+    """config.dataset.eval_crop_fraction < 1: the shorter side resized to size / fraction, the
+    aspect ratio kept, and the central size x size window (`center_crop_box`)."""
+
+    size: int
+    fraction: float
+    random = False
+
+    def __call__(self, image: np.ndarray, key: Sequence[int] | None = None) -> np.ndarray:
+        height, width, top, left = center_crop_box(*image.shape[:2], self.size, self.fraction)
+        return pil_resize(image, height, width)[top:top + self.size, left:left + self.size]
+
+
+@dataclasses.dataclass(frozen=True)
+class InceptionCrop:
+    """config.dataset.crop = "inception": Inception's random-resized crop of the image at its true
+    size (`inception_box`, config.dataset.crop_scale and crop_ratio), resized to size x size (crop,
+    then `pil_resize`, as torchvision's RandomResizedCrop of a PIL image). Its randomness is numpy's
+    PCG64 seeded with `key` = (config.seed, epoch, the example's position in the epoch's order):
+    the same crop in every process, worker and resume; each copy of repeated augmentation its own."""
+
+    size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    random = True
+
+    def box(self, height: int, width: int, key: Sequence[int]) -> tuple[int, int, int, int]:
+        rng = np.random.default_rng([int(k) for k in key])
+        return inception_box(height, width, rng, self.scale, self.ratio)
+
+    def __call__(self, image: np.ndarray, key: Sequence[int] | None = None) -> np.ndarray:
+        top, left, h, w = self.box(*image.shape[:2], key)
+        return pil_resize(image[top:top + h, left:left + w], self.size, self.size)
+
+
+View = Squash | CenterCrop | InceptionCrop
+
+
+def host_views(cfg: ml_collections.ConfigDict) -> tuple[View, View]:
+    """(training view, evaluation view) of config.dataset `cfg`: "resize" and a fraction of 1 (every
+    experiment's default) resize every image to image_size x image_size, as attn_jax always did."""
+    size, fraction = cfg.get("image_size"), cfg.get("eval_crop_fraction", 1.0)
+    if not size and (cfg.get("crop", "resize") != "resize" or fraction != 1.0):
+        raise UserError("config.dataset.crop 'inception' and eval_crop_fraction < 1 output "
+                        "image_size x image_size images: set config.dataset.image_size")
+    if cfg.get("crop", "resize") == "inception":
+        train_view = InceptionCrop(size, tuple(cfg.crop_scale), tuple(cfg.crop_ratio))
+    else:
+        train_view = Squash(size)
+    return train_view, (CenterCrop(size, fraction) if fraction < 1 else Squash(size))
+
+
+# ---------------------------------------------------------------------------------------------
 # Splits: random access to decoded (image, label) examples
 # ---------------------------------------------------------------------------------------------
 class Examples:
     """A tfds random-access source as uint8 images [H, W, C] and int32 labels; picklable, so grain's
-    worker processes can decode. `image_size` resizes every image to a square (mixed-size datasets)."""
+    worker processes can decode. Each image is decoded at its true size and brought to one size by a
+    host view (`Squash`, `CenterCrop`, `InceptionCrop`): `view` unless `read` is given another."""
 
-    def __init__(self, records: Sequence, image_key: str, label_key: str, image_size: int | None):
+    def __init__(self, records: Sequence, image_key: str, label_key: str, view: View):
         self.records, self.image_key, self.label_key = records, image_key, label_key
-        self.image_size = image_size
+        self.view = view
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Examples `indices` -> (uint8 [n, H, W, C], int32 [n])."""
-        keys = [int(i) for i in indices]
+    def read(self, indices: np.ndarray, view: View | None = None,
+             keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Examples `indices` -> (uint8 [n, H, W, C], int32 [n]), each image through `view` (None:
+        this split's own); a random view needs `keys`, int [n, 3]: each example's crop key."""
+        view = view or self.view
+        if view.random and keys is None:
+            raise ValueError(f"{type(view).__name__} is random: read it with a key per example")
+        ids = [int(i) for i in indices]
         try:
-            records = self.records.__getitems__(keys)  # one read for many: twice as fast
-        except TypeError:  # tfds.testing.mock_data's sources read one key at a time
-            records = [self.records[k] for k in keys]
-        images = [fixed_size(np.asarray(r[self.image_key]), self.image_size) for r in records]
+            records = self.records.__getitems__(ids)  # one read for many: twice as fast
+        except (TypeError, AttributeError):  # tfds.testing.mock_data's sources, plain lists
+            records = [self.records[k] for k in ids]
+        images = [view(np.asarray(r[self.image_key]), None if keys is None else keys[n])
+                  for n, r in enumerate(records)]
         labels = np.asarray([r[self.label_key] for r in records], np.int32)
         return np.stack(images) if images else np.zeros((0, 0, 0, 0), np.uint8), labels
 
 
 class Arrays:
-    """Examples already decoded in host memory: uint8 images [N, H, W, C], int32 labels [N]."""
+    """Examples already decoded in host memory at one size: uint8 images [N, H, W, C], int32
+    labels [N]; read as they are (a deterministic view was applied when they were decoded)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray):
         self.images, self.labels = images, labels
@@ -79,30 +221,24 @@ class Arrays:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, indices: np.ndarray, view: View | None = None,
+             keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if view is not None and view.random:
+            raise ValueError("examples decoded into memory have lost their true size: a random "
+                             "crop reads them from their source")
         return self.images[indices], self.labels[indices]
-
-
-def fixed_size(image: np.ndarray, size: int | None) -> np.ndarray:
-    """config.dataset.image_size: a size x size uint8 copy of `image` (PIL bilinear, antialiased when
-    shrinking); None keeps the native size."""
-    if not size or image.shape[:2] == (size, size):
-        return image
-    from PIL import Image
-
-    resized = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).resize(
-        (size, size), Image.Resampling.BILINEAR)
-    return np.asarray(resized).reshape(size, size, image.shape[-1])
 
 
 @dataclasses.dataclass
 class Split:
-    """One split of a dataset (all processes' examples), readable by index."""
+    """One split of a dataset (all processes' examples), readable by index: evaluation reads it
+    through its examples' own view, training through `train_view` (config.dataset.crop)."""
 
     name: str  # the tfds split string, e.g. "train[:40000]"
     examples: Examples | Arrays
     image_shape: tuple[int, int, int]  # of every image, after config.dataset.image_size
     workers: int  # decoding processes for streamed reads (0: in this process)
+    train_view: View = Squash(None)  # how the training feed reads it
 
     @property
     def num_examples(self) -> int:
@@ -112,15 +248,18 @@ class Split:
     def nbytes(self) -> int:
         return self.num_examples * math.prod(self.image_shape)
 
-    def in_memory(self) -> "Split":
-        """This split decoded once into host memory (by `workers` processes, a chunk each)."""
+    def in_memory(self, view: View | None = None) -> "Split":
+        """This split decoded once into host memory (by `workers` processes, a chunk each), each
+        image through `view` (None: the examples' own; a random view cannot be kept)."""
         if isinstance(self.examples, Arrays):
             return self
+        if view is not None and view.random:
+            raise ValueError(f"{type(view).__name__} is random: it cannot be decoded once")
         chunks = np.array_split(np.arange(self.num_examples),
                                 max(1, math.ceil(self.num_examples / _READ_CHUNK)))
         images = np.empty((self.num_examples, *self.image_shape), np.uint8)
         labels = np.empty(self.num_examples, np.int32)
-        for chunk, (x, y) in zip(chunks, read_batches(self, chunks), strict=True):
+        for chunk, (x, y) in zip(chunks, read_batches(self, chunks, view), strict=True):
             images[chunk], labels[chunk] = x, y
         return dataclasses.replace(self, examples=Arrays(images, labels))
 
@@ -182,7 +321,8 @@ def read_workers(cfg: ml_collections.ConfigDict) -> int:
 
 
 def load_split(cfg: ml_collections.ConfigDict, split: str) -> Split:
-    """The tfds split `split` (e.g. "train[:40000]") of config.dataset `cfg`, by random access."""
+    """The tfds split `split` (e.g. "train[:40000]") of config.dataset `cfg`, by random access,
+    with the views of config.dataset.crop (training) and eval_crop_fraction (evaluation)."""
     builder = _builder(cfg)
     image_size = cfg.get("image_size")
     features = builder.info.features
@@ -196,15 +336,23 @@ def load_split(cfg: ml_collections.ConfigDict, split: str) -> Split:
         raise UserError(f"the images of {cfg.name!r} differ in size: set config.dataset.image_size "
                         "to resize them to one size on the host")
     shape = tuple(int(s) for s in shape)
+    train_view, eval_view = host_views(cfg)
     try:
         records = builder.as_data_source(split=split)
     except NotImplementedError:  # prepared as TFRecord: no random access without TensorFlow
+        if train_view != Squash(image_size) or eval_view != Squash(image_size):
+            hint = CONVERT_HINT.format(name=cfg.name, data_dir=cfg.data_dir or "~/tensorflow_datasets")
+            raise UserError(
+                f"dataset {cfg.name!r} is prepared as TFRecord, decoded once at one size, but "
+                "config.dataset.crop 'inception' and eval_crop_fraction < 1 crop each image at its "
+                f"true size: convert it to ArrayRecord ({hint}), or use crop 'resize' and "
+                "eval_crop_fraction 1.0") from None
         records = _tfrecord_examples(builder, split, cfg, shape)
     except (ValueError, KeyError, AssertionError) as e:
         raise UserError(f"bad split {split!r} for dataset {cfg.name!r}: {e}") from None
     if not isinstance(records, Arrays):
-        records = Examples(records, cfg.image_key, cfg.label_key, image_size)
-    return Split(split, records, shape, read_workers(cfg))
+        records = Examples(records, cfg.image_key, cfg.label_key, eval_view)
+    return Split(split, records, shape, read_workers(cfg), train_view)
 
 
 def _tfrecord_examples(builder: tfds.core.DatasetBuilder, split: str,
@@ -235,19 +383,23 @@ def _tfrecord_examples(builder: tfds.core.DatasetBuilder, split: str,
     return Arrays(np.stack(images), np.asarray(labels, np.int32))
 
 
-def read_batches(split: Split, batches: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(images, labels) of each index array in `batches`, in order. Decoded examples are read
-    directly; others by `split.workers` grain worker processes (a batch each), or here with 0."""
+def read_batches(split: Split, batches: Sequence[np.ndarray], view: View | None = None,
+                 keys: Sequence[np.ndarray] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(images, labels) of each index array in `batches`, in order, through `view` (None: the
+    examples' own) with `keys` (a random view's per-example keys, an array [n, 3] per batch).
+    Decoded examples are read directly; others by `split.workers` grain worker processes (a batch
+    each), or here with 0. A batch's images depend on its indices, view and keys only."""
+    keys = [None] * len(batches) if keys is None else list(keys)
     if isinstance(split.examples, Arrays) or split.workers == 0 or len(batches) < 2:
-        for indices in batches:
-            yield split.examples.read(indices)
+        for indices, batch_keys in zip(batches, keys, strict=True):
+            yield split.examples.read(indices, view, batch_keys)
         return
     import grain
     from absl import flags
 
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags: parsed by launch.py, not
         flags.FLAGS.mark_as_parsed()  # when attn_jax is called from Python (a notebook, the tests)
-    ds = grain.MapDataset.source(_BatchReads(split.examples, list(batches)))
+    ds = grain.MapDataset.source(_BatchReads(split.examples, list(batches), view, keys))
     options = grain.MultiprocessingOptions(num_workers=min(split.workers, len(batches)))
     yield from ds.to_iter_dataset().mp_prefetch(options, worker_init_fn=_exit_with_parent)
 
@@ -267,16 +419,17 @@ def _exit_with_parent(worker_index: int, worker_count: int) -> None:
 
 
 class _BatchReads:
-    """Element i = examples.read(batches[i]): one grain element per batch."""
+    """Element i = examples.read(batches[i], view, keys[i]): one grain element per batch."""
 
-    def __init__(self, examples: Examples, batches: list[np.ndarray]):
-        self.examples, self.batches = examples, batches
+    def __init__(self, examples: Examples, batches: list[np.ndarray], view: View | None,
+                 keys: list[np.ndarray | None]):
+        self.examples, self.batches, self.view, self.keys = examples, batches, view, keys
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int):
-        return self.examples.read(self.batches[i])
+        return self.examples.read(self.batches[i], self.view, self.keys[i])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +489,11 @@ def resident_limit_bytes(cfg: ml_collections.ConfigDict, device: jax.Device) -> 
 
 
 def is_resident(split: Split, cfg: ml_collections.ConfigDict, mesh: Mesh) -> bool:
-    """Whether `split` is kept on every device: it fits within the resident limit."""
+    """Whether `split` is kept on every device: it fits within the resident limit, and its training
+    view is not random (config.dataset.crop "inception" crops each image afresh every epoch, from
+    its true size: that split always streams)."""
+    if split.train_view.random:
+        return False
     return split.nbytes <= resident_limit_bytes(cfg, mesh.local_devices[0])
 
 
@@ -369,12 +526,16 @@ def replicated(array: np.ndarray, mesh: Mesh) -> jax.Array:
 
 class ResidentFeed:
     """The training split on every device as uint8; a call's feed is the split and the epoch's
-    order, and each step gathers its batch inside the jitted step (`batch_from_resident`)."""
+    order, and each step gathers its batch inside the jitted step (`batch_from_resident`). The
+    split is decoded once through its training view, which must not be random (`is_resident`)."""
 
     resident = True
 
     def __init__(self, split: Split, mesh: Mesh, global_batch: int, seed: int, repeats: int = 1):
-        split = split.in_memory()
+        if split.train_view.random:
+            raise UserError("config.dataset.crop 'inception' crops each image afresh every epoch: "
+                            "the training split streams (data.make_feed), it cannot be resident")
+        split = split.in_memory(split.train_view)
         self.mesh, self.global_batch, self.seed, self.repeats = mesh, global_batch, seed, repeats
         self.num_examples = split.num_examples
         self.steps_per_epoch = split.num_examples // global_batch
@@ -405,8 +566,10 @@ def batch_from_resident(feed: dict, step: jax.Array, global_batch: int) -> dict:
 
 
 class StreamedFeed:
-    """The training split read batch by batch on the host (grain workers decode) and put on the
-    mesh `prefetch` calls ahead; a call of n steps gets n stacked batches [n, B, ...]."""
+    """The training split read batch by batch on the host (grain workers decode and apply its
+    training view) and put on the mesh `prefetch` calls ahead; a call of n steps gets n stacked
+    batches [n, B, ...]. A random view (Inception crops) gets the key (seed, epoch, position in the
+    epoch's order) for each example: every process, worker count and resume crops alike."""
 
     resident = False
 
@@ -425,8 +588,17 @@ class StreamedFeed:
         return [order[b * self.global_batch:(b + 1) * self.global_batch][rows]
                 for b in range(start, self.steps_per_epoch)]
 
+    def local_keys(self, epoch: int, start: int) -> list[np.ndarray]:
+        """The crop keys of `local_indices`: int64 [rows, 3] of (seed, epoch, position in the
+        epoch's order) per example, so repeated copies of an example crop differently."""
+        rows = local_rows(self.global_batch, self.mesh)
+        return [np.stack(np.broadcast_arrays(self.seed, epoch, b * self.global_batch + rows), -1)
+                .astype(np.int64) for b in range(start, self.steps_per_epoch)]
+
     def host_batches(self, epoch: int, start: int) -> Iterator[Batch]:
-        for images, labels in read_batches(self.split, self.local_indices(epoch, start)):
+        view = self.split.train_view
+        keys = self.local_keys(epoch, start) if view.random else None
+        for images, labels in read_batches(self.split, self.local_indices(epoch, start), view, keys):
             yield {"images": images, "labels": labels, "mask": np.ones(len(labels), bool)}
 
     def epoch(self, epoch: int, start: int, sizes: Sequence[int]) -> Iterator[dict]:
@@ -443,8 +615,9 @@ def _groups(items: Iterator, sizes: Sequence[int]) -> Iterator[list]:
 
 def make_feed(split: Split, cfg: ml_collections.ConfigDict, mesh: Mesh, global_batch: int,
               seed: int) -> ResidentFeed | StreamedFeed:
-    """The device-resident feed when the split fits (`is_resident`), else the streamed one; each
-    in `epoch_order`, with config.dataset.repeats (repeated augmentation; 1: off)."""
+    """The device-resident feed when the split fits (`is_resident`; never with Inception crops),
+    else the streamed one; each in `epoch_order`, with config.dataset.repeats (repeated
+    augmentation; 1: off)."""
     repeats = cfg.get("repeats", 1)
     if is_resident(split, cfg, mesh):
         return ResidentFeed(split, mesh, global_batch, seed, repeats)

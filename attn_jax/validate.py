@@ -105,6 +105,12 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "dataset.read_workers": optional(integer(0)),
     "dataset.prefetch": integer(1),
     "dataset.repeats": integer(1),  # repeated augmentation (DeiT's RASampler: 3); 1: off
+    # ImageNet-style crops on the host (with dataset.image_size): the training crop, Inception's
+    # area fraction and width / height ranges, and the evaluation centre crop's fraction
+    "dataset.crop": one_of("resize", "inception"),
+    "dataset.crop_scale": ordered_pair(number(0.0, 1.0, open_low=True)),
+    "dataset.crop_ratio": ordered_pair(POSITIVE),
+    "dataset.eval_crop_fraction": number(0.0, 1.0, open_low=True),
     "preprocess.size": integer(1),
     "preprocess.train_resize": integer(1),
     "preprocess.crop": integer(0),
@@ -199,6 +205,7 @@ def _cross_field(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"config.preprocess.crop is {p.crop}: with a crop, it must equal "
                         f"preprocess.size ({p.size}) and be at most preprocess.train_resize "
                         f"({p.train_resize}); or set crop to 0")
+    _host_crops(config.dataset)
     _model_shapes(config.model, p.size)
     _optimizer(config)
 
@@ -214,6 +221,16 @@ def _optimizer(config: ml_collections.ConfigDict) -> None:
     if config.batch_size % config.accumulate_steps:
         raise UserError(f"config.accumulate_steps is {config.accumulate_steps}: it must divide "
                         f"config.batch_size ({config.batch_size}) into equal micro-batches")
+
+
+def _host_crops(d: ml_collections.ConfigDict) -> None:
+    """Inception crops and the evaluation centre crop output dataset.image_size x image_size."""
+    if d.get("image_size") is None and (d.get("crop", "resize") != "resize"
+                                        or d.get("eval_crop_fraction", 1.0) != 1.0):
+        raise UserError(f"config.dataset.crop is {d.get('crop', 'resize')!r} and "
+                        f"eval_crop_fraction {d.get('eval_crop_fraction', 1.0)}: these crops "
+                        "output dataset.image_size x image_size images; set dataset.image_size "
+                        "(e.g. 224), or use crop 'resize' and eval_crop_fraction 1.0")
 
 
 def _model_shapes(m: ml_collections.ConfigDict, size: int) -> None:

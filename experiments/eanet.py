@@ -75,6 +75,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Repeated augmentation (DeiT's RASampler, 3): each batch holds B / repeats examples, each
     # `repeats` times with its own augmentation, the epoch as long as before; 1: off.
     config.dataset.repeats = 1
+    # Images of mixed sizes reach one size on the host, image_size x image_size (None: every image
+    # keeps its size, which must be one): "resize" squashes each to it; "inception" takes
+    # Inception's random-resized crop of the image at its true size, its area a fraction in
+    # crop_scale and its width / height in crop_ratio (DeiT: (0.08, 1), (3/4, 4/3)). Evaluation
+    # resizes the shorter side to image_size / eval_crop_fraction and keeps the centre (DeiT: 0.875;
+    # 1.0 squashes as "resize" does).
+    config.dataset.image_size = config_dict.placeholder(int)
+    config.dataset.crop = "resize"
+    config.dataset.crop_scale = (0.08, 1.0)
+    config.dataset.crop_ratio = (3 / 4, 4 / 3)
+    config.dataset.eval_crop_fraction = 1.0
 
     config.preprocess = ml_collections.ConfigDict()
     config.preprocess.size = 32  # no resize

@@ -63,6 +63,10 @@ def test_every_field_of_every_experiment_is_validated(name, arg):
     ("preprocess.crop", 40, r"config.preprocess.crop is 40: with a crop, it must equal"),
     ("model.name", "resnet", r"config.model.name is 'resnet': use one of .*'patch_convnet_tutorial'"),
     ("optimizer.schedule", "linear", r"use one of 'constant', 'warmup_cosine'"),
+    ("dataset.crop", "inception", r"config.dataset.crop is 'inception' .*set dataset.image_size"),
+    ("dataset.eval_crop_fraction", 0.875, r"eval_crop_fraction 0.875: .*set dataset.image_size"),
+    ("dataset.crop_scale", (0.5, 0.2), r"crop_scale is \(0.5, 0.2\): use a pair \(low, high\)"),
+    ("dataset.crop_ratio", (0.0, 1.0), r"use a pair \(low, high\), low <= high, each a number in \(0"),
 ])
 def test_cross_field_and_enumerations(key, value, match):
     config = load_experiment("patch_convnet")
