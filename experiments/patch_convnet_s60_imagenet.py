@@ -21,12 +21,13 @@ and train with
 
 (train = `train`, val and test = `validation`, which is where the paper reports its number).
 
-ImageNet's images differ in size, so config.dataset.image_size = 256 resizes each one to 256x256 on
-the host before batching (PIL bilinear, antialiased), in grain's worker processes: the training
-split is far beyond the resident limit, so it streams (a copy prepared as TFRecord: convert it with
-`python -m attn_jax.convert_dataset`). The random 224 crop and the flip run on the device.
-Untested on real ImageNet here (it cannot be downloaded offline); the mixed-size path is
-covered by a test on images of several sizes.
+ImageNet's images differ in size, so they reach 224x224 on the host, each at its true size, before
+batching, in grain's worker processes (config.dataset.crop = "inception", eval_crop_fraction =
+0.875; PIL bilinear, antialiased): training takes Inception's random-resized crop, evaluation
+resizes the shorter side to 256 and keeps the centre 224x224. The training split streams (a copy
+prepared as TFRecord: convert it with `python -m attn_jax.convert_dataset`). The flip runs on the
+device. Untested on real ImageNet here (it cannot be downloaded offline); the crops are tested on
+images of several sizes and aspect ratios.
 
 Recipe: DeiT's (Touvron et al. 2020, its Table 9), with what attn_jax has:
 
@@ -35,18 +36,19 @@ Recipe: DeiT's (Touvron et al. 2020, its Table 9), with what attn_jax has:
   epochs, linear warm-up over 5 epochs then cosine decay, label smoothing 0.1, no dropout,
   drop-path (stochastic depth, the same rate in every block as the official code), no gradient
   clipping, random horizontal flip, a fresh random permutation of the training split every epoch;
-  the class token and the layer-scales are not decayed.
+  the class token and the layer-scales are not decayed; DeiT's crops (its datasets.py
+  `build_transform`, through timm's `create_transform`): RandomResizedCrop(224, scale (0.08, 1),
+  ratio (3/4, 4/3)) for training, and for evaluation Resize(int(224 / 0.875) = 256) of the shorter
+  side then CenterCrop(224) (`--eval-crop-ratio` 0.875).
 - different: the warm-up starts from 0 and the cosine ends at 0, stepped per step (DeiT: per
-  epoch, warm-up from 1e-6, cosine to a floor of 1e-5); images are resized bilinearly (DeiT:
-  bicubic): to 256x256 on the host (aspect ratio not kept), then training takes a random 224 crop
-  and evaluation resizes to 224x224 on the device, without antialiasing (DeiT: resize the short
-  side to 256, centre crop 224); inputs are x / 255 (DeiT: standardised with ImageNet's mean and
-  std); biases and LayerNorm parameters are decayed (DeiT/timm exclude every 1-D parameter:
-  `decay_mask` has `exclude_vectors` but the config does not expose it).
-- not implemented: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3), RandAugment
-  (rand-m9-mstd0.5-inc1), Mixup (alpha 0.8) and CutMix (alpha 1.0) with soft-target
-  cross-entropy, repeated augmentation (3 repeats), random erasing (p 0.25), and the weight EMA
-  DeiT's code can keep (not what it reports).
+  epoch, warm-up from 1e-6, cosine to a floor of 1e-5); the crops are resized bilinearly, with
+  PIL's antialiasing (DeiT: bicubic, interpolation=3, in both crops); inputs are x / 255 (DeiT:
+  standardised with ImageNet's mean and std); biases and LayerNorm parameters are decayed
+  (DeiT/timm exclude every 1-D parameter: `decay_mask` has `exclude_vectors` but the config does
+  not expose it).
+- not implemented: RandAugment (rand-m9-mstd0.5-inc1), Mixup (alpha 0.8) and CutMix (alpha 1.0)
+  with soft-target cross-entropy, repeated augmentation (3 repeats), random erasing (p 0.25), and
+  the weight EMA DeiT's code can keep (not what it reports).
 - the paper's own recipe differs from DeiT's: its first author gives LAMB, lr 3e-3, global batch
   2048, stochastic depth per model size (facebookresearch/deit issue #185). This file
   keeps DeiT's AdamW recipe (`--config.optimizer.name=lamb` is one override away).
@@ -83,12 +85,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dataset.train_split = "train"
     config.dataset.val_split = "validation"
     config.dataset.test_split = "validation"  # ImageNet's test labels are not public
-    config.dataset.image_size = 256  # images differ in size: resized on the host to batch them
+    # Images differ in size: each is cropped at its true size to 224x224 on the host (DeiT's crops)
+    config.dataset.image_size = 224
+    config.dataset.crop = "inception"  # training: RandomResizedCrop
+    config.dataset.crop_scale = (0.08, 1.0)
+    config.dataset.crop_ratio = (3 / 4, 4 / 3)
+    config.dataset.eval_crop_fraction = 0.875  # evaluation: shorter side 256, centre 224
     config.dataset.prefetch = 2
 
-    config.preprocess.size = 224  # evaluation: resize to 224x224
-    config.preprocess.train_resize = 256  # training: resize to 256x256, random crop 224, flip
-    config.preprocess.crop = 224
+    config.preprocess.size = 224  # the host's crops are already 224x224: no resize on the device
+    config.preprocess.train_resize = 224  # unused without a device crop
+    config.preprocess.crop = 0  # the random crop is the host's Inception crop
     config.preprocess.flip = True
     config.preprocess.rotation = 0.0
     config.preprocess.contrast = 0.0
