@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from tensorboardX import SummaryWriter
+from tensorboardX.summary import hparams as hparams_summary
 
 from attn_jax import atomic
 from attn_jax.errors import UserError
@@ -106,6 +107,20 @@ class MetricsLog:
                              f"top1 {100 * self._latest[prefix + '/top1']:.2f}% "
                              f"top5 {100 * self._latest[prefix + '/top5']:.2f}%")
         return " | ".join(parts)
+
+    def write_hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
+        """TensorBoard's HParams summary of this run (process 0 only): `hparams` (values other than
+        numbers, strings and booleans as text) and, as its metrics, the scalar tags of `metrics`,
+        whose values TensorBoard reads from this run's own scalars. The run is the session, so
+        `tensorboard --logdir=SWEEP_DIR` compares the points in the HParams dashboard."""
+        if not self.is_writer:
+            return
+        clean = {k: v if isinstance(v, bool | int | float | str) else str(v)
+                 for k, v in hparams.items()}
+        metric_tags = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        for summary in hparams_summary(clean, metric_tags):  # experiment, session start and end
+            self._tensorboard.file_writer.add_summary(summary)
+        self._tensorboard.flush()
 
     def write_json(self, name: str, obj: dict) -> None:
         """`workdir/name` as indented JSON (process 0 only); NaN and infinities become null."""

@@ -626,7 +626,7 @@ def _refuse_to_start_over(workdir: Path) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None,
-                       ) -> dict | None:
+                       hparams: dict | None = None) -> dict | None:
     """Trains `config` for config.num_epochs, evaluating on the validation split after each epoch
     and on the test split at the end; writes the outputs listed in the README into `workdir`.
 
@@ -634,20 +634,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
     stream and position in the epoch's shuffle, so the run ends exactly as an uninterrupted one.
     Returns the final metrics (also written to `workdir/summary.json`), or None when stopped early
     by SIGTERM/SIGINT (after saving a checkpoint). One run at a time holds the workdir
-    (`workdir_lock`).
+    (`workdir_lock`). `hparams` (launch.py: the config overrides of the run, or of its sweep point)
+    are written with the final metrics as TensorBoard's HParams summary; by default the seed.
     """
     workdir = Path(workdir)
     stop = StopSignals()  # from the start: a signal during start-up or compilation is honoured too
     try:
         with workdir_lock.hold(workdir):
             return _train_and_evaluate(config, workdir, create_mesh() if mesh is None else mesh,
-                                       stop)
+                                       stop, {"seed": config.seed} if hparams is None else hparams)
     finally:
         stop.restore()
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh,
-                        stop: StopSignals) -> dict | None:
+                        stop: StopSignals, hparams: dict) -> dict | None:
     """Start-up (restore or refuse, record, compile), the epochs, then the test and the results."""
     run = build_run(config, mesh, workdir)
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
@@ -679,7 +680,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: 
                  "same command to resume")
         log.close()
         return None
-    return _finish(run, log, ckpt, pace, time.perf_counter() - start, stop)
+    return _finish(run, log, ckpt, pace, time.perf_counter() - start, stop, hparams)
 
 
 def _train_epochs(run: Run, sums: Metrics, log: MetricsLog, ckpt: checkpoint.Checkpointer,
@@ -737,8 +738,9 @@ def _end_epoch(run: Run, log: MetricsLog, ckpt: checkpoint.Checkpointer, pace: p
 
 
 def _finish(run: Run, log: MetricsLog, ckpt: checkpoint.Checkpointer, pace: progress.Pace,
-            seconds: float, stop: StopSignals) -> dict:
-    """Evaluates on the test split and writes the results: `summary.json` and `curves.png`."""
+            seconds: float, stop: StopSignals, hparams: dict) -> dict:
+    """Evaluates on the test split and writes the results: `summary.json`, `curves.png` and the
+    HParams summary."""
     config = run.config
     test = run.evaluate_logged("test")
     log.write(run.step, config.num_epochs, test)
@@ -746,6 +748,7 @@ def _finish(run: Run, log: MetricsLog, ckpt: checkpoint.Checkpointer, pace: prog
              "train_images_per_s": pace.median() or None, "wall_time_s": seconds}
     log.info(f"test: loss {test['test/loss']:.4f} top1 {100 * test['test/top1']:.2f}% "
              f"top5 {100 * test['test/top5']:.2f}%")
+    log.write_hparams(hparams, {k: v for k, v in final.items() if k.startswith(("val/", "test/"))})
     log.write_json("summary.json", final)
     if log.is_writer:
         attention_maps.plot_curves(log.workdir / "metrics.jsonl", log.workdir / "curves.png")
