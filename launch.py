@@ -5,6 +5,7 @@ r"""The one entry point of attn_jax.
     python launch.py --config=experiments/patch_convnet.py --mode=summary
     python launch.py --config=experiments/patch_convnet.py --workdir=DIR --mode=attend --image=PATH
     python launch.py --config=experiments/patch_convnet.py --mode=benchmark [--workdir=DIR]
+    python launch.py --config=experiments/eanet.py --sweep [--point=K | --collect | --dry_run] --workdir=DIR
 """
 
 import os
@@ -36,7 +37,14 @@ _IMAGE = flags.DEFINE_multi_string("image", [], "--mode=attend: an image file (J
                                    "size); repeat for several. Writes DIR/attend/<name>.png.")
 _SWEEP = flags.DEFINE_bool("sweep", False, "Train every point of the experiment's get_sweep() in "
                            "WORKDIR/<point>/, skipping finished points and resuming interrupted ones.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "With --sweep: print one command per point instead.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "With --sweep: print the number of points and one "
+                             "command per point instead.")
+_POINT = flags.DEFINE_string("point", None, "With --sweep: train only this point (its index in "
+                             "get_sweep() or its name) in WORKDIR/<point>/, as --sweep would; one "
+                             "job of an array, writing nothing outside its own directory.")
+_COLLECT = flags.DEFINE_bool("collect", False, "With --sweep: train nothing; tabulate the finished "
+                             "points (WORKDIR/sweep.md, sweep.csv) and list the running, failed, "
+                             "interrupted and not started ones.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "Multi-process: host:port of process 0 (with the next two).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
@@ -46,10 +54,31 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 flags.mark_flag_as_required("config")
 
 
-def fail(message: str, status: int = 2):
-    """Prints one error line and exits non-zero."""
+# --sweep --point: the point's directory, where a failure of this launch is recorded (failed.json).
+_point_dir = None
+
+
+def fail(message: str, status: int = 2, record: bool = True):
+    """Prints one error line and exits non-zero (recording it in a sweep point's directory)."""
+    if record:
+        _record_point_failure(message)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(status)
+
+
+def _record_point_failure(message: str) -> None:
+    """`--sweep --point`: the error line into DIR/<point>/failed.json for `--collect` (process 0)."""
+    if _point_dir is None:
+        return
+    import contextlib
+
+    import jax
+
+    from attn_jax import sweep
+
+    if jax.process_index() == 0:
+        with contextlib.suppress(OSError):  # a full disk, say: the console still has the line
+            sweep.record_failure(_point_dir, message)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -113,9 +142,57 @@ def _sweep() -> None:
                  config_flags.get_override_values(flags.FLAGS["config"]).items()]
     workdir = Path(_require_workdir())
     if _DRY_RUN.value:
-        print("\n".join(sweep.commands(config_arg, workdir, overrides)))
+        lines = sweep.commands(config_arg, workdir, overrides)
+        print(f"# {len(lines)} points: --point=0..{len(lines) - 1}", *lines, sep="\n")
+    elif _COLLECT.value:
+        sweep.collect(config_arg, workdir)
     else:
         sweep.run(config_arg, workdir, overrides)
+
+
+def _sweep_point(config):
+    """--sweep --point=K: the point's overrides set on `config`; returns (point, its workdir)."""
+    global _point_dir
+    from pathlib import Path
+
+    from attn_jax import sweep
+
+    config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
+    point = sweep.select(config_arg, _POINT.value)
+    _point_dir = Path(_require_workdir()) / point["name"]
+    sweep.apply(config, point)
+    return point, _point_dir
+
+
+def _train_point(config, point: dict, point_dir) -> None:
+    """Trains one sweep point in its directory, as the sequential --sweep does."""
+    import jax
+
+    from attn_jax import sweep
+
+    if (point_dir / "summary.json").exists():
+        print(f"sweep: {point['name']} is finished, skipping", flush=True)
+        return
+    if jax.process_index() == 0:
+        state = "resuming" if (point_dir / "checkpoints").exists() else "starting"
+        print(f"sweep: {state} {point['name']}", flush=True)
+        sweep.clear_failure(point_dir)
+    _train(config, str(point_dir), _hparams(point))
+
+
+def _hparams(point: dict | None = None) -> dict:
+    """The run's hyperparameters for TensorBoard: its config overrides, then its sweep point's."""
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    return {**overrides, **{k: v for k, v in (point or {}).items() if k != "name"}}
+
+
+def _train(config, workdir: str, hparams: dict) -> None:
+    from attn_jax.train import TrainingDiverged, train_and_evaluate
+
+    try:
+        train_and_evaluate(config, workdir, hparams=hparams)
+    except TrainingDiverged as e:
+        fail(str(e), status=1)
 
 
 def main(argv: list[str]) -> None:
@@ -133,24 +210,39 @@ def main(argv: list[str]) -> None:
     if _DRY_RUN.value and not _SWEEP.value:
         fail("--dry_run only applies to --sweep (it prints the sweep's commands): add --sweep or "
              "drop --dry_run")
+    for name, given in (("--point", _POINT.value is not None), ("--collect", _COLLECT.value)):
+        if given and not _SWEEP.value:
+            fail(f"{name} only applies to --sweep: add --sweep or drop {name}")
+    if sum([_POINT.value is not None, _COLLECT.value, _DRY_RUN.value]) > 1:
+        fail("--point, --collect and --dry_run are alternatives: give one of them")
     if _MODE.value in ("train", "eval", "attend") or _SWEEP.value:
         _require_workdir()  # before any work
     try:
         from attn_jax import distributed, validate
         from attn_jax.fast.threefry import use_unrolled_threefry_on_cpu
 
+        point = None
+        if _SWEEP.value and _POINT.value is not None:
+            point, point_dir = _sweep_point(config)  # its overrides, validated with the rest
         validate.check(config)  # every value, before any work
         use_unrolled_threefry_on_cpu()  # dropout masks at GPU speed on CPU: the same bits, faster
 
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                _DISTRIBUTED.value)
-        _run_mode(config)
+        if point is not None:
+            _train_point(config, point, point_dir)
+        else:
+            _run_mode(config)
         distributed.shutdown()
     except UserError as e:
-        fail(str(e))
+        from attn_jax.workdir_lock import InUse
+
+        fail(str(e), record=not isinstance(e, InUse))  # a refused launch is no failure of the point
     except Exception as e:  # a full disk, a deleted or read-only folder: one line, not a traceback
         if (cause := environment_error(e)) is None:
+            _record_point_failure(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}")
             raise
+        _record_point_failure(describe_environment_error(cause))
         print(f"error: {describe_environment_error(cause)}", file=sys.stderr, flush=True)
         os._exit(1)  # skip the teardown of orbax's failed writer threads, which prints tracebacks
 
@@ -188,12 +280,7 @@ def _run_mode(config) -> None:
     elif _MODE.value == "benchmark":
         modes.benchmark(config, _WORKDIR.value)
     elif _MODE.value == "train":
-        from attn_jax.train import TrainingDiverged, train_and_evaluate
-
-        try:
-            train_and_evaluate(config, _require_workdir())
-        except TrainingDiverged as e:
-            fail(str(e), status=1)
+        _train(config, _require_workdir(), _hparams())
 
 
 if __name__ == "__main__":

@@ -5,10 +5,13 @@ An experiment file may define `get_sweep(arg=None)` returning a list of points, 
 `{"name": "self-seed1", "model.attention": "self", "seed": 1}`. Overrides of `seed` make repeats:
 points that differ only in their seed form one group in the report (mean ± std over seeds).
 
-`run` launches `launch.py` once per point in `DIR/<name>/`, skipping finished points (those with a
-`summary.json`) and resuming interrupted ones (from their checkpoints); `commands` gives the same
-command lines for a cluster scheduler. `write_report` tabulates the finished points in
-`DIR/sweep.md` and `DIR/sweep.csv`.
+`run` launches `launch.py --sweep --point=<name>` once per point, each training in `DIR/<name>/`,
+skipping finished points (those with a `summary.json`) and resuming interrupted ones (from their
+checkpoints); `commands` gives the equivalent plain command lines for a cluster scheduler. One point
+(`--point`, `select`) may run as its own job, many at once sharing DIR: a point writes only inside
+its own `DIR/<name>/` (its one-line error, if it fails, in `DIR/<name>/failed.json`), and only the
+sequential `run` and `--collect` write the shared report. `write_report` tabulates the finished
+points in `DIR/sweep.md` and `DIR/sweep.csv`; `states` says where every other point stands.
 """
 
 import csv
@@ -18,13 +21,15 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from attn_jax import atomic
+from attn_jax import atomic, workdir_lock
 from attn_jax.errors import UserError
 from attn_jax.experiment import load_module
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch.py"
+FAILED = "failed.json"  # in DIR/<point>/: the last error line of the point's latest failed launch
 COLUMNS = ("val/top1", "val/top5", "test/top1", "test/top5", "num_params", "train_images_per_s")
 
 
@@ -41,6 +46,49 @@ def points(config_arg: str) -> list[dict]:
     return sweep
 
 
+def select(config_arg: str, which: str) -> dict:
+    """The point `which` names: its index in get_sweep() or its name."""
+    sweep = points(config_arg)
+    names = [p["name"] for p in sweep]
+    if which.strip().lstrip("-").isdigit():
+        index = int(which)
+        if 0 <= index < len(sweep):
+            return sweep[index]
+    elif which in names:
+        return sweep[names.index(which)]
+    raise UserError(f"--point={which}: no such sweep point; the valid ones are 0..{len(sweep) - 1} "
+                    f"or a name: {', '.join(names)}")
+
+
+def apply(config, point: dict) -> None:
+    """Sets the overrides of `point` on `config`, as --config.KEY=VALUE flags would."""
+    for key, value in point.items():
+        if key == "name":
+            continue
+        node = config
+        try:
+            *parents, leaf = key.split(".")
+            for parent in parents:
+                node = node[parent]
+            node[leaf] = value
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            text = str(e).strip("'\" ").splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"sweep point {point['name']}: cannot set config.{key}={value!r} "
+                            f"({text}): fix get_sweep()") from None
+
+
+def record_failure(point_dir: Path, message: str) -> None:
+    """`DIR/<point>/failed.json`: the error line of this failed launch (the latest failure only)."""
+    point_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(point_dir / FAILED, json.dumps(
+        {"error": message, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+
+
+def clear_failure(point_dir: Path) -> None:
+    """A relaunch forgets the previous launch's failure (it fails anew, or it does not)."""
+    (point_dir / FAILED).unlink(missing_ok=True)
+
+
 def command(config_arg: str, workdir: Path, point: dict, extra: list[str]) -> list[str]:
     """The launch.py command line that trains `point` into `workdir/<name>`."""
     overrides = [f"--config.{k}={v}" for k, v in point.items() if k != "name"]
@@ -53,6 +101,12 @@ def commands(config_arg: str, workdir: Path, extra: list[str]) -> list[str]:
     return [shlex.join(command(config_arg, workdir, p, extra)) for p in points(config_arg)]
 
 
+def point_command(config_arg: str, workdir: Path, point: dict, extra: list[str]) -> list[str]:
+    """The launch.py command line that trains `point` as `--sweep --point` (a failure recorded)."""
+    return [sys.executable, str(LAUNCH), f"--config={config_arg}", "--sweep",
+            f"--point={point['name']}", f"--workdir={workdir}", *extra]
+
+
 def run(config_arg: str, workdir: Path, extra: list[str]) -> None:
     """Trains every unfinished point in turn, then writes the report."""
     for point in points(config_arg):
@@ -60,13 +114,51 @@ def run(config_arg: str, workdir: Path, extra: list[str]) -> None:
         if (point_dir / "summary.json").exists():
             print(f"sweep: {point['name']} is finished, skipping", flush=True)
             continue
-        state = "resuming" if (point_dir / "checkpoints").exists() else "starting"
-        print(f"sweep: {state} {point['name']}", flush=True)
-        result = subprocess.run(command(config_arg, workdir, point, extra), check=False)
+        # The point says whether it starts or resumes, and records its error if it fails.
+        result = subprocess.run(point_command(config_arg, workdir, point, extra), check=False)
         if result.returncode != 0:
             raise UserError(f"sweep point {point['name']} failed (exit {result.returncode}); "
                             "fix it and relaunch the sweep: finished points are skipped")
     write_report(config_arg, workdir)
+
+
+def state(point_dir: Path) -> tuple[str, str]:
+    """(state, detail) of the point trained in `point_dir`: finished (a `summary.json`), running (a
+    live workdir lock), failed (a `failed.json`: its error line), interrupted (a checkpoint or the
+    record of a launch, no live lock) or not started."""
+    if (point_dir / "summary.json").exists():
+        return "finished", ""
+    if (holder := workdir_lock.live_holder(point_dir)) is not None:
+        return "running", f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
+    if (point_dir / FAILED).exists():
+        try:
+            return "failed", json.loads((point_dir / FAILED).read_text())["error"]
+        except (OSError, ValueError, KeyError):
+            return "failed", f"(unreadable {point_dir / FAILED})"
+    checkpoints = point_dir / "checkpoints"
+    steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) \
+        if checkpoints.is_dir() else []
+    if steps:
+        return "interrupted", f"resumes from the checkpoint at step {steps[-1]}"
+    if (point_dir / "run.json").exists() or (point_dir / "metrics.jsonl").exists():
+        return "interrupted", "no checkpoint yet"
+    return "not started", ""
+
+
+def collect(config_arg: str, workdir: Path) -> None:
+    """Trains nothing: writes the report of the finished points and lists where the others are."""
+    if not workdir.is_dir():
+        raise UserError(f"--workdir={workdir} holds no sweep (no such directory): give the --workdir "
+                        "the points ran in")
+    write_report(config_arg, workdir)
+    by_state: dict[str, list[str]] = {}
+    for index, point in enumerate(points(config_arg)):
+        name, (where, detail) = point["name"], state(workdir / point["name"])
+        by_state.setdefault(where, []).append(
+            f"  {index} {name}" + (f": {detail}" if detail else ""))
+    for where in ("running", "failed", "interrupted", "not started"):
+        if where in by_state:
+            print(f"sweep: {len(by_state[where])} {where}:", *by_state[where], sep="\n", flush=True)
 
 
 def _group(point: dict) -> str:

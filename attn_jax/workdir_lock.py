@@ -58,6 +58,21 @@ def _read(path: Path) -> dict:
         return {}  # being written, or torn: judged by the file's age below
 
 
+class InUse(UserError):
+    """The workdir is held by another live run."""
+
+
+def live_holder(workdir: Path) -> dict | None:
+    """The owner (host, pid, heartbeat) of the workdir's live lock, or None: no lock, or a stale
+    one (its process gone, its heartbeat too old)."""
+    path = workdir / LOCK_NAME
+    try:
+        holder = _read(path) or {"heartbeat": path.stat().st_mtime}
+    except OSError:
+        return None
+    return holder if _stale_reason(holder) is None else None
+
+
 def acquire(workdir: Path) -> Path:
     """Creates `workdir/run.lock` for this process, taking over a stale one; returns its path."""
     path = workdir / LOCK_NAME
@@ -69,7 +84,7 @@ def acquire(workdir: Path) -> Path:
             reason = _stale_reason(holder)
             if reason is None:
                 age = time.time() - float(holder.get("heartbeat", 0))
-                raise UserError(
+                raise InUse(
                     f"{workdir} is in use by process {holder.get('pid', '?')} on "
                     f"{holder.get('host', '?')} (heartbeat {age:.0f} s ago): wait for that run "
                     f"to end, or use another --workdir") from None

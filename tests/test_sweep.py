@@ -1,8 +1,12 @@
-"""attn_jax/sweep.py through launch.py --sweep: a dry run, and a sweep that skips, resumes and reports."""
+"""attn_jax/sweep.py through launch.py --sweep: a dry run, a sweep that skips, resumes and reports,
+points run as concurrent jobs (--point) gathered by --collect, and each run's HParams summary."""
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from conftest import ROOT, SMALL_RUN, preempted_when, small_digits_config
@@ -43,7 +47,8 @@ def test_sweep_dry_run_prints_one_command_per_point(tmp_path, digits_data_dir):
                              "--dry_run", f"--workdir={tmp_path / 'sweep'}", "--config.num_epochs=3"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
+    count, *lines = result.stdout.strip().splitlines()
+    assert count == "# 4 points: --point=0..3"  # sizes an array job
     assert len(lines) == 4
     assert f"--workdir={tmp_path / 'sweep' / 'dim16-seed1'}" in lines[3]
     assert all("--config.num_epochs=3" in line and "--config.seed=" in line for line in lines)
@@ -79,3 +84,134 @@ def test_sweep_runs_skips_resumes_and_reports(tmp_path, digits_data_dir):
                             f"--workdir={workdir}", "--config.num_epochs=2"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.stdout.count("is finished, skipping") == 2
+
+
+def _launch(experiment, workdir, *flags, **popen):
+    """launch.py --sweep on `experiment` in `workdir` with `flags`: a started process."""
+    return subprocess.Popen([sys.executable, "launch.py", f"--config={experiment}", "--sweep",
+                             f"--workdir={workdir}", *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _finish(process, timeout=300):
+    """(returncode, stdout, stderr) of a started process, once it ends."""
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def _without_speed(text: str) -> list[list[str]]:
+    """The cells of sweep.csv / sweep.md's table rows without train_images_per_s (a timing)."""
+    index = None
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.replace("|", ",").split(",")]
+        if "train_images_per_s" in cells:
+            index = cells.index("train_images_per_s")
+        rows.append([c for i, c in enumerate(cells) if i != index] if index is not None else cells)
+    return rows
+
+
+def _hparams_plugin_data(run_dir):
+    """{tag: HParamsPluginData} of the TensorBoard events in `run_dir`, as the HParams dashboard
+    reads them, and the run's scalar tags."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = event_accumulator.EventAccumulator(str(run_dir))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    return ({tag: plugin_data_pb2.HParamsPluginData.FromString(data)
+             for tag, data in content.items()}, events.Tags()["scalars"])
+
+
+@pytest.mark.slow
+def test_point_out_of_range_or_unknown_is_one_error_line(tmp_path, digits_data_dir):
+    experiment = tmp_path / "exp.py"
+    _write_sweep_experiment(experiment, digits_data_dir, 2)
+    for which in ("2", "dim99-seed0"):
+        status, out, err = _finish(_launch(experiment, tmp_path / "sweep", f"--point={which}"), 120)
+        assert status == 2
+        assert err.strip() == (f"error: --point={which}: no such sweep point; the valid ones are "
+                               "0..1 or a name: dim8-seed0, dim8-seed1")
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_concurrent_points_collected_as_a_sequential_sweep(tmp_path, digits_data_dir):
+    experiment = tmp_path / "exp.py"
+    _write_sweep_experiment(experiment, digits_data_dir, 2)
+    sequential, concurrent = tmp_path / "sequential", tmp_path / "concurrent"
+    status, out, err = _finish(_launch(experiment, sequential))
+    assert status == 0, err[-2000:]
+
+    # Two jobs of an array, at once, into one directory (by index and by name); nothing shared
+    # is written by them.
+    jobs = [_launch(experiment, concurrent, "--point=0"),
+            _launch(experiment, concurrent, "--point=dim8-seed1")]
+    for job in jobs:
+        status, out, err = _finish(job)
+        assert status == 0, err[-2000:]
+        assert "sweep: starting dim8-seed" in out
+    assert sorted(p.name for p in concurrent.iterdir()) == ["dim8-seed0", "dim8-seed1"]
+
+    status, out, err = _finish(_launch(experiment, concurrent, "--collect"), 120)
+    assert status == 0, err
+    assert "2 finished point(s) tabulated" in out and "running" not in out
+    for name in ("sweep.csv", "sweep.md"):
+        assert _without_speed((concurrent / name).read_text()) == \
+            _without_speed((sequential / name).read_text())
+
+    # Each point's HParams summary: its overrides, its final validation and test metrics.
+    plugin, scalars = _hparams_plugin_data(concurrent / "dim8-seed1" / "tensorboard")
+    experiment_info = plugin["_hparams_/experiment"].experiment
+    assert {h.name for h in experiment_info.hparam_infos} == {"model.dim", "seed"}
+    metrics = {m.name.tag for m in experiment_info.metric_infos}
+    assert {"val/top1", "test/top1", "test/top5"} <= metrics and metrics <= set(scalars)
+    start = plugin["_hparams_/session_start_info"].session_start_info
+    assert start.hparams["model.dim"].number_value == 8 and start.hparams["seed"].number_value == 1
+    assert "_hparams_/session_end_info" in plugin
+
+
+def _has_checkpoint(point_dir) -> bool:
+    checkpoints = point_dir / "checkpoints"
+    return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+
+
+@pytest.mark.slow
+def test_killed_point_is_listed_then_resumes_with_point(tmp_path, digits_data_dir):
+    experiment = tmp_path / "exp.py"
+    _write_sweep_experiment(experiment, digits_data_dir, 2)
+    workdir, point_dir = tmp_path / "sweep", tmp_path / "sweep" / "dim8-seed0"
+    job = _launch(experiment, workdir, "--point=0", "--config.num_epochs=6",
+                  start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not _has_checkpoint(point_dir) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGSTOP)  # held still at its first checkpoint, its lock live
+    try:
+        assert _has_checkpoint(point_dir) and not (point_dir / "summary.json").exists()
+        status, out, err = _finish(_launch(experiment, workdir, "--collect"), 120)
+        assert status == 0, err
+        assert "sweep: 1 running:\n  0 dim8-seed0: process" in out
+        assert "sweep: 1 not started:\n  1 dim8-seed1" in out
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # as a node that dies
+        job.communicate()
+
+    status, out, err = _finish(_launch(experiment, workdir, "--collect"), 120)
+    assert "sweep: 1 interrupted:\n  0 dim8-seed0: resumes from the checkpoint at step" in out
+
+    # A relaunch with another config is refused: the point shows as failed, with that error line.
+    status, out, err = _finish(_launch(experiment, workdir, "--point=0", "--config.num_epochs=7"))
+    assert status == 2 and err.startswith("error: ") and "holds another run" in err
+    status, out, err = _finish(_launch(experiment, workdir, "--collect"), 120)
+    assert f"sweep: 1 failed:\n  0 dim8-seed0: {err.strip().removeprefix('error: ')}" in out
+
+    status, out, err = _finish(_launch(experiment, workdir, "--point=dim8-seed0",
+                                       "--config.num_epochs=6"))
+    assert status == 0, err[-2000:]
+    assert "sweep: resuming dim8-seed0" in out and "resumed from the checkpoint at step" in out
+    status, out, err = _finish(_launch(experiment, workdir, "--collect"), 120)
+    assert "1 finished point(s) tabulated" in out and "failed" not in out
+    assert "interrupted" not in out and "sweep: 1 not started" in out
+    assert len((workdir / "sweep.csv").read_text().splitlines()) == 2
