@@ -424,7 +424,7 @@ class Run:
     stats: dict | None
     feed: data.ResidentFeed | data.StreamedFeed | None = None  # built by `start_feed`
     train_calls: dict[int, Callable] = dataclasses.field(default_factory=dict)
-    compiled_eval: list[Callable] = dataclasses.field(default_factory=list)  # `eval_call`'s
+    compiled_eval: Callable | None = None  # `eval_call`'s
 
     def start_feed(self) -> None:
         """Decodes the training split onto the devices (or starts streaming it)."""
@@ -439,11 +439,11 @@ class Run:
 
     def eval_call(self) -> Callable:
         """The compiled eval step for the run's batch shape (compiled at its first use, once)."""
-        if not self.compiled_eval:
+        if self.compiled_eval is None:
             batch = self._batch_spec(self.config.eval_batch_size)
-            self.compiled_eval.append(self.eval_fn.lower(self.state, batch, self.stats).compile())
+            self.compiled_eval = self.eval_fn.lower(self.state, batch, self.stats).compile()
             self._synchronised()
-        return self.compiled_eval[0]
+        return self.compiled_eval
 
     def train_call(self, num_steps: int) -> Callable:
         """The compiled call of `num_steps` train steps (compiled at its first use, once per run)."""

@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from conftest import random_batches, run_steps
 
 from attn_jax import mixing, train
 
@@ -93,16 +94,11 @@ MODERN_STACK = {"preprocess.randaugment_ops": 2, "preprocess.randaugment_magnitu
 
 @pytest.mark.parametrize("switch_prob", [0.0, 1.0], ids=["mixup", "cutmix"])
 def test_eight_devices_match_one_device_with_the_modern_stack(tiny_config, switch_prob):
-    from test_train import _run_steps
-
     assert jax.device_count() == 8, "conftest.py fakes 8 CPU devices"
     config = tiny_config(**MODERN_STACK, **{"mixup.switch_prob": switch_prob})
-    rng = np.random.default_rng(0)
-    batches = [{"images": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
-                "labels": rng.integers(0, 10, 16).astype(np.int32),
-                "mask": np.ones(16, bool)} for _ in range(2)]
-    one_losses, _ = _run_steps(config, train.create_mesh(jax.devices()[:1]), batches)
-    eight_losses, _ = _run_steps(config, train.create_mesh(), batches)
+    batches = random_batches(2)
+    one_losses, _ = run_steps(config, train.create_mesh(jax.devices()[:1]), batches)
+    eight_losses, _ = run_steps(config, train.create_mesh(), batches)
     np.testing.assert_allclose(eight_losses, one_losses, rtol=2e-5)
-    plain_losses, _ = _run_steps(tiny_config(), train.create_mesh(), batches)
+    plain_losses, _ = run_steps(tiny_config(), train.create_mesh(), batches)
     assert not np.allclose(plain_losses, one_losses)  # the stack did change the inputs

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
-from conftest import load_experiment
+from conftest import load_experiment, random_batches, run_steps
 from jax.sharding import NamedSharding, PartitionSpec
 
 from attn_jax import data, models, train
@@ -36,30 +36,12 @@ def test_train_and_evaluate_writes_every_output(tmp_path, tiny_config):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def _run_steps(config, mesh, batches):
-    """Losses of consecutive train steps on `mesh`, from the same initial state."""
-    model = models.create_model(config, 10)
-    schedule = train.create_learning_rate_fn(config.optimizer, 10)
-    tx = train.create_optimizer(config.optimizer, schedule)
-    state = train.create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh)
-    train_fn, eval_fn = train.jit_steps(config, mesh)
-    losses = []
-    for batch in batches:
-        state, sums = train_fn(state, data.to_global(batch, mesh), jax.random.key(1), None)
-        losses.append(float(sums["loss"]) / float(sums["count"]))
-    final_eval = train.means(eval_fn(state, data.to_global(batches[0], mesh), None))
-    return losses, final_eval
-
-
 def test_eight_devices_match_one_device(tiny_config):
     assert jax.device_count() == 8, "conftest.py fakes 8 CPU devices"
     config = tiny_config()
-    rng = np.random.default_rng(0)
-    batches = [{"images": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
-                "labels": rng.integers(0, 10, 16).astype(np.int32),
-                "mask": np.ones(16, bool)} for _ in range(3)]
-    one_losses, one_eval = _run_steps(config, train.create_mesh(jax.devices()[:1]), batches)
-    eight_losses, eight_eval = _run_steps(config, train.create_mesh(), batches)
+    batches = random_batches(3)
+    one_losses, one_eval = run_steps(config, train.create_mesh(jax.devices()[:1]), batches)
+    eight_losses, eight_eval = run_steps(config, train.create_mesh(), batches)
     np.testing.assert_allclose(eight_losses, one_losses, rtol=2e-5)
     assert one_losses[2] != one_losses[0]  # the steps did update the model
     np.testing.assert_allclose(eight_eval["loss"], one_eval["loss"], rtol=2e-5)

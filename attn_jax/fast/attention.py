@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax.fast.chunking import map_in_chunks, num_chunks
-from attn_jax.models.eanet import Dtype, double_normalize
+from attn_jax.models import eanet
+from attn_jax.models.eanet import double_normalize
 from attn_jax.models.keras_init import glorot
 
 
@@ -56,19 +57,12 @@ def drop(weights: jax.Array, keep: jax.Array | None, rate: float) -> jax.Array:
     return jnp.where(keep, weights / (1.0 - rate), 0.0)
 
 
-class ExternalAttention(nn.Module):
-    """`models.eanet.ExternalAttention`, folded and chunked: [B, N, dim] -> [B, N, dim].
+class ExternalAttention(eanet.ExternalAttention):
+    """`models.eanet.ExternalAttention` (its fields), folded and chunked: [B, N, dim] -> [B, N, dim].
 
     Folded (when `fold_memories` says it is cheaper): expand then M_k become one [dim, heads * S]
     kernel, M_v then out one [heads * S, dim] kernel; the same function of the same parameters.
     """
-
-    num_heads: int
-    dim_coefficient: int
-    memory_slots: int
-    attention_dropout: float
-    projection_dropout: float
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, *, train: bool):

@@ -71,8 +71,3 @@ def map_in_chunks(fn: Callable[..., jax.Array], chunks: int, *args: jax.Array | 
     fn = jax.checkpoint(fn)
     out = jax.lax.map(lambda chunk: fn(*chunk), split)
     return _merge(out, devices)
-
-
-def attention_chunks(batch: int, heads: int, queries: int, keys: int) -> int:
-    """`num_chunks` for attention weights [batch, heads, queries, keys] in float32."""
-    return num_chunks(batch, heads * queries * keys * 4)

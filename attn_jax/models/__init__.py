@@ -83,10 +83,9 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
     """The model named by config.model.name, with the rest of config.model as its fields, built
     from the layers `impl` (default config.model.impl, "auto" if unset) chooses."""
     fields = {k: v for k, v in config.model.items() if k not in ("name", "impl")}
-    layers = layers_for(impl or config.model.get("impl", "auto"))
-    cls = _MODELS.get(config.model.name)
-    accepted = getattr(cls, "__dataclass_fields__", None) or getattr(
-        getattr(cls, "func", None), "__dataclass_fields__", {})
-    layers = {k: v for k, v in layers.items() if k in accepted}
+    entry = _MODELS.get(config.model.name)
+    model_class = getattr(entry, "func", entry)  # the variants are partials of PatchConvNet
+    layers = {k: v for k, v in layers_for(impl or config.model.get("impl", "auto")).items()
+              if k in getattr(model_class, "__dataclass_fields__", {})}  # the layers it takes
     return get_model(config.model.name, num_classes=num_classes,
                      dtype=compute_dtype(config.dtype), **fields, **layers)
