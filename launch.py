@@ -21,17 +21,25 @@ from attn_jax.errors import UserError, describe_environment_error, environment_e
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/x.py[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "summary", "attend", "benchmark"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "summary", "attend", "benchmark",
+                                           "import", "export"],
                           "train: train and evaluate (resuming from the workdir's latest checkpoint); "
                           "eval: evaluate a saved checkpoint on the test split; "
                           "summary: parameter table and FLOPs; "
                           "attend: top-5 classes and attention map of a saved checkpoint on --image; "
                           "benchmark: time the train and eval steps and the input pipeline "
-                          "(writes DIR/benchmark.json with --workdir).")
+                          "(writes DIR/benchmark.json with --workdir); "
+                          "import: the official PatchConvNet weights (--weights=FILE.pth) as the "
+                          "workdir's checkpoint; export: a checkpoint as an official state_dict "
+                          "(--weights=NEW.pth).")
+_WEIGHTS = flags.DEFINE_string("weights", None, "--mode=import: the official PatchConvNet "
+                               "state_dict to read (.pth, read without PyTorch); --mode=export: "
+                               "the .pth file to write.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best",
-                                  "--mode=eval|attend: 'best' (by validation top-1), 'latest' or a step.")
+                                  "--mode=eval|attend|export: 'best' (by validation top-1), "
+                                  "'latest' or a step.")
 _PARAMS = flags.DEFINE_enum("params", "raw", ["raw", "ema"],
-                           "--mode=eval|attend: the trained parameters ('raw') or their moving "
+                           "--mode=eval|attend|export: the trained parameters ('raw') or their moving "
                            "average ('ema': a run with config.ema.decay > 0).")
 _IMAGE = flags.DEFINE_multi_string("image", [], "--mode=attend: an image file (JPEG, PNG, ...; any "
                                    "size); repeat for several. Writes DIR/attend/<name>.png.")
@@ -215,7 +223,10 @@ def main(argv: list[str]) -> None:
             fail(f"{name} only applies to --sweep: add --sweep or drop {name}")
     if sum([_POINT.value is not None, _COLLECT.value, _DRY_RUN.value]) > 1:
         fail("--point, --collect and --dry_run are alternatives: give one of them")
-    if _MODE.value in ("train", "eval", "attend") or _SWEEP.value:
+    if _WEIGHTS.value is not None and _MODE.value not in ("import", "export"):
+        fail("--weights only applies to --mode=import|export: drop it, or use --config.init_from "
+             "to start training from saved weights")
+    if _MODE.value in ("train", "eval", "attend", "import", "export") or _SWEEP.value:
         _require_workdir()  # before any work
     try:
         from attn_jax import distributed, validate
@@ -277,6 +288,14 @@ def _run_mode(config) -> None:
         for result in modes.attend(config, _require_workdir(), _IMAGE.value, _CHECKPOINT.value,
                                    params=_PARAMS.value):
             print(modes.format_result(result))
+    elif _MODE.value == "import":
+        path = modes.import_weights(config, _require_workdir(), _WEIGHTS.value)
+        print(f"imported {_WEIGHTS.value} into {path}: evaluate it with --mode=eval, or fine-tune "
+              f"from it with --config.init_from={_require_workdir()}")
+    elif _MODE.value == "export":
+        path = modes.export_weights(config, _require_workdir(), _WEIGHTS.value, _CHECKPOINT.value,
+                                    _PARAMS.value)
+        print(f"wrote {path}: the official PatchConvNet state_dict (torch.load, load_state_dict)")
     elif _MODE.value == "benchmark":
         modes.benchmark(config, _WORKDIR.value)
     elif _MODE.value == "train":

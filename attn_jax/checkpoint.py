@@ -107,6 +107,8 @@ class Checkpointer:
             return steps[-1]
         if which == "best":
             if not any(self.manager.metrics(s) for s in steps):
+                if self.imported_from(steps[-1]):  # --mode=import's one checkpoint, unrated
+                    return steps[-1]
                 raise UserError(f"no checkpoint in {self.directory} has a {BEST_METRIC}: "
                                 "use --checkpoint=latest")
             return self.manager.best_step()
@@ -115,7 +117,26 @@ class Checkpointer:
         raise UserError(f"--checkpoint={which}: use 'best', 'latest' or one of the saved steps "
                         f"{steps}")
 
+    def description(self, step: int) -> dict:
+        """The JSON description saved with the checkpoint at `step`."""
+        return self.manager.restore(step, args=ocp.args.Composite(
+            description=ocp.args.JsonRestore()))["description"]
+
+    def imported_from(self, step: int) -> str | None:
+        """The weights file a checkpoint was imported from (--mode=import), or None."""
+        return self.description(step).get("imported_from")
+
     # Restoring ---------------------------------------------------------------------------------
+    def restore_params(self, step: int, ema: bool = False):
+        """The parameters saved at `step` (with `ema`, their moving average) as a tree of NumPy
+        arrays, whatever model, optimizer or config saved them (for `init_from` and `load`)."""
+        if ema and not self.has_ema(step):
+            raise UserError(f"the checkpoint at step {step} in {self.directory} holds no EMA of "
+                            "the parameters (its run had config.ema.decay = 0): use the raw ones")
+        state = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))["state"]
+        return state["ema_params" if ema else "params"]
+
     def restore(self, step: int, state, sums, description: dict):
         """Restores (state, sums) saved at `step` into the shapes and shardings of the given ones.
 
@@ -164,9 +185,7 @@ class Checkpointer:
         return target
 
     def _check_description(self, step: int, description: dict) -> None:
-        saved = self.manager.restore(step, args=ocp.args.Composite(
-            description=ocp.args.JsonRestore()))["description"]
-        saved, expected = _flatten(saved), _flatten(description)
+        saved, expected = _flatten(self.description(step)), _flatten(description)
         for key, value in ADDED_FIELDS.items():
             if key in expected:
                 saved.setdefault(key, value)
@@ -211,3 +230,19 @@ class Checkpointer:
             raise UserError(f"the checkpoint at step {step} in {self.directory} does not fit this "
                             f"model ({len(mismatched)} mismatched: {shown}): use another --workdir "
                             "or the matching config")
+
+
+def locate(path: str | Path, which: str = "best") -> tuple[Path, int]:
+    """A saved checkpoint named by the user: a workdir (its checkpoint `which`: "best", "latest" or a
+    step) or one checkpoint's directory, DIR/checkpoints/STEP -> (the workdir, the step)."""
+    path = Path(path)
+    if path.parent.name == "checkpoints" and path.name.isdigit() and path.is_dir():
+        return path.parent.parent, int(path.name)
+    if not (path / "checkpoints").is_dir():
+        raise UserError(f"{path} is neither a workdir with checkpoints nor a checkpoint "
+                        "(DIR/checkpoints/STEP): give one of them")
+    ckpt = Checkpointer(path, keep=1, read_only=True)
+    try:
+        return path, ckpt.resolve(which)
+    finally:
+        ckpt.close()

@@ -4,22 +4,41 @@
 - `evaluate_checkpoint` (--mode=eval): a saved checkpoint's metrics on a split.
 - `attend` (--mode=attend): a saved checkpoint's top-5 classes and attention map on any image file,
   drawn beside it (`attention_maps.render_side_by_side`), with `format_result` its console lines.
+- `import_weights` / `export_weights` (--mode=import|export): the official PatchConvNet weights
+  (PyTorch `.pth`) to a checkpoint and back (`attn_jax.interop`).
+- `load` (`attn_jax.load`): a saved model, its parameters and config, for notebooks.
 - `benchmark` (--mode=benchmark): how fast the steps and the input pipeline run (`attn_jax.bench`).
 
 This module uses the training package (`train.build_run` builds a run as training does); nothing
 there imports it.
 """
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from attn_jax import atomic, attention_maps, bench, checkpoint, data, inference, models, summary, train
+from attn_jax import (
+    atomic,
+    attention_maps,
+    bench,
+    checkpoint,
+    data,
+    inference,
+    models,
+    run_record,
+    summary,
+    train,
+    workdir_lock,
+)
 from attn_jax.errors import UserError
+from attn_jax.interop import patch_convnet as official
+from attn_jax.interop import pth
 
 
 def summarize(config: ml_collections.ConfigDict) -> None:
@@ -80,6 +99,100 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
         path = workdir / f"eval_{which}_{'ema_' if params == 'ema' else ''}{split}.json"
         atomic.write_text(path, json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# --mode=import and --mode=export: the official PatchConvNet weights (attn_jax.interop)
+# ---------------------------------------------------------------------------------------------
+def import_weights(config: ml_collections.ConfigDict, workdir: str | Path, weights: str | Path,
+                   mesh=None) -> Path:
+    """--mode=import: the official PatchConvNet `state_dict` in `weights` (a `.pth` file, read
+    without PyTorch) as checkpoint 0 of a new `workdir`, which --mode=eval|attend restore and
+    config.init_from starts from; DIR/run.json records the config. Returns the checkpoint's path.
+
+    The file is read and every tensor mapped (`interop.patch_convnet.to_params`) before anything
+    is written; a workdir that already holds checkpoints is refused. The optimizer state is fresh;
+    an EMA (config.ema) starts at the imported parameters."""
+    if not weights:
+        raise UserError("--mode=import needs --weights=FILE.pth, the official state_dict")
+    workdir = Path(workdir)
+    state_dict = pth.read_state_dict(weights)
+    mesh = train.create_mesh() if mesh is None else mesh
+    with workdir_lock.hold(workdir):
+        ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
+        try:
+            if ckpt.steps():
+                raise UserError(f"{workdir} already holds checkpoints {ckpt.steps()}: import into "
+                                "a new --workdir")
+            _, _, state = train.initial_state(config, mesh, total_steps=1)
+            params = official.to_params(state_dict, state.params, source=f"--weights={weights}")
+            state, _ = train.warm_state(state, params)
+            description = {**checkpoint.run_description(config),
+                           "imported_from": str(Path(weights).absolute())}
+            ckpt.save(state, train.zero_sums(mesh), description)
+            ckpt.wait()
+        finally:
+            ckpt.close()
+        run_record.check_and_record(workdir, config, mesh, resuming=False)
+    return ckpt.directory / "0"
+
+
+def export_weights(config: ml_collections.ConfigDict, workdir: str | Path, weights: str | Path,
+                   which: str = "best", params: str = "raw") -> Path:
+    """--mode=export: checkpoint `which` of `workdir` (its `params`, "raw" or "ema") as the
+    official PatchConvNet `state_dict`, written to the new file `weights` in PyTorch's format
+    (`PatchConvnet.load_state_dict(torch.load(weights))` loads it). An existing file is refused."""
+    if not weights:
+        raise UserError("--mode=export needs --weights=FILE.pth, the file to write")
+    weights = Path(weights)
+    if weights.exists():
+        raise UserError(f"--weights={weights} exists: export writes a new file, choose another name")
+    if not weights.parent.is_dir():
+        raise UserError(f"--weights={weights}: no such directory {weights.parent}")
+    loaded = load(workdir, which, params, config=config)
+    state_dict = official.to_state_dict(loaded.params)
+    temporary = weights.with_name(f".{weights.name}.partial")
+    pth.write_state_dict(temporary, state_dict)
+    temporary.replace(weights)  # whole or not at all
+    return weights
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A saved model, ready for `model.apply({"params": params}, images, train=False)`:
+    float32 images [B, size, size, 3] preprocessed as `config.preprocess` says
+    (`attn_jax.preprocess.for_eval`) -> (logits [B, classes], attention map [B, N] or None)."""
+
+    model: Any
+    params: Any
+    config: ml_collections.ConfigDict
+    step: int
+
+
+def load(path: str | Path, which: str = "best", params: str = "raw",
+         config: ml_collections.ConfigDict | None = None) -> Loaded:
+    """`attn_jax.load`: the model, parameters and config saved in `path`, a workdir (its checkpoint
+    `which`: "best", "latest" or a step) or one checkpoint, DIR/checkpoints/STEP; trained and
+    imported runs alike. The config is the run's own (DIR/run.json) unless one is given. `params`:
+    "raw" or "ema" (the moving average, where the run kept one)."""
+    if params not in ("raw", "ema"):
+        raise UserError(f"params={params!r}: use 'raw' or 'ema'")
+    workdir, step = checkpoint.locate(path, which)
+    config = run_record.recorded_config(workdir) if config is None else config
+    ckpt = checkpoint.Checkpointer(workdir, keep=1, read_only=True)
+    try:
+        saved = ckpt.restore_params(step, ema=params == "ema")
+    finally:
+        ckpt.close()
+    model = models.create_model(config, config.dataset.num_classes)
+    size = config.preprocess.size
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3),
+                                                                          np.float32), train=False))
+    merged, fresh = train.merge_params(shapes["params"], saved, f"{workdir} (step {step})")
+    if fresh:
+        raise UserError(f"{workdir} (step {step}) has another class count than the config "
+                        f"({', '.join(fresh)}): load it with its own config")
+    return Loaded(model, jax.tree.map(jax.numpy.asarray, merged), config, step)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from attn_jax import augment
 
@@ -48,11 +49,20 @@ def _augment_one(image: jax.Array, key: jax.Array, cfg: ml_collections.ConfigDic
     return image
 
 
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # timm.data.constants
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
 def normalize(images: jax.Array, cfg: ml_collections.ConfigDict,
               stats: dict[str, jax.Array] | None) -> jax.Array:
-    """Raw pixel values -> model inputs, by `cfg.normalize`: "rescale" or "standardize"."""
+    """Raw pixel values -> model inputs, by `cfg.normalize`: "rescale" (x / 255), "standardize"
+    (the training split's per-channel mean and std) or "imagenet" (x / 255 standardised by
+    ImageNet's mean and std, timm's IMAGENET_DEFAULT_MEAN / STD, as DeiT and the official
+    PatchConvNet weights expect)."""
     if cfg.normalize == "rescale":
         return images / 255.0
+    if cfg.normalize == "imagenet":
+        return (images / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
     if cfg.normalize == "standardize":
         return (images - stats["mean"]) / stats["std"]
     raise ValueError(f"unknown config.preprocess.normalize {cfg.normalize!r}")

@@ -28,9 +28,9 @@ MAY_CHANGE = ("log_every_steps", "steps_per_call", "unroll_steps", "eval_batch_s
               "checkpoint.keep", "dataset.data_dir", "dataset.download", "dataset.read_workers",
               "dataset.prefetch", "dataset.resident_limit_mib", "model.impl", "benchmark.")
 # Fields added after runs had been recorded, with the value every earlier run computed with: a record
-# without the entry is read with it (AdamW, no clipping, no accumulation, no EMA).
-ADDED_FIELDS = {"accumulate_steps": 1, "optimizer.name": "adamw", "optimizer.clip_grad_norm": 0.0,
-                "ema.decay": 0.0, "ema.warmup": False,
+# without the entry is read with it (no warm start, AdamW, no clipping, no accumulation, no EMA).
+ADDED_FIELDS = {"init_from": None, "accumulate_steps": 1, "optimizer.name": "adamw",
+                "optimizer.clip_grad_norm": 0.0, "ema.decay": 0.0, "ema.warmup": False,
                 # the augmentations of the modern stack, off, with the experiments' other values
                 "dataset.repeats": 1, "preprocess.randaugment_ops": 0,
                 "preprocess.randaugment_magnitude": 9.0, "preprocess.randaugment_magnitude_std": 0.5,
@@ -101,3 +101,23 @@ def check_and_record(workdir: Path, config: ml_collections.ConfigDict, mesh: Mes
         record = {"config": {k: _jsonable(v) for k, v in leaves(config).items()}, "launches": []}
     record["launches"].append(launch_entry(mesh))
     atomic.write_text(path, json.dumps(record, indent=1) + "\n")
+
+
+def recorded_config(workdir: Path) -> ml_collections.ConfigDict:
+    """The config a run was launched with (`DIR/run.json`), fields it predates at their
+    `ADDED_FIELDS` values."""
+    path = Path(workdir) / RECORD
+    if not path.exists():
+        raise UserError(f"{workdir} has no {RECORD} (the record of the config it ran with): pass "
+                        "the config explicitly")
+    flat = {**ADDED_FIELDS, **json.loads(path.read_text())["config"]}
+    config = ml_collections.ConfigDict()
+    for key, value in sorted(flat.items()):
+        *parents, name = key.split(".")
+        node = config
+        for parent in parents:
+            if parent not in node:
+                node[parent] = ml_collections.ConfigDict()
+            node = node[parent]
+        node[name] = tuple(value) if isinstance(value, list) else value
+    return config

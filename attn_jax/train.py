@@ -540,12 +540,9 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path) -> R
             key=normalization.cache_key(config.dataset.name, config.dataset.train_split)).items()}
 
     data.check_num_classes(config.dataset)
-    model = models.create_model(config, config.dataset.num_classes)
+    model, schedule, state = initial_state(config, mesh, total_steps)
     image_shape = (config.preprocess.size, config.preprocess.size, 3)
-    schedule = create_learning_rate_fn(config.optimizer, total_steps)
-    tx = create_optimizer(config.optimizer, schedule)
-    init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    state = create_train_state(model, tx, init_key, image_shape, mesh, ema=config.ema.decay > 0)
+    train_key = jax.random.split(jax.random.key(config.seed))[1]
     # Replicated over the mesh once, so no call re-shards them (a jitted identity: device_put cannot
     # place on other processes' devices).
     train_key, stats = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, PartitionSpec()))(
@@ -553,6 +550,85 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path) -> R
     return Run(config, mesh, splits, local_eval_batch, steps_per_epoch, total_steps, model,
                summary.total_params(model, image_shape), schedule, state,
                jit_eval_step(config, mesh), train_key, stats)
+
+
+def initial_state(config: ml_collections.ConfigDict, mesh: Mesh,
+                  total_steps: int) -> tuple[nn.Module, optax.Schedule, TrainState]:
+    """The model, learning-rate schedule and initial train state of `config` (no data needed)."""
+    model = models.create_model(config, config.dataset.num_classes)
+    image_shape = (config.preprocess.size, config.preprocess.size, 3)
+    schedule = create_learning_rate_fn(config.optimizer, total_steps)
+    tx = create_optimizer(config.optimizer, schedule)
+    init_key = jax.random.split(jax.random.key(config.seed))[0]
+    state = create_train_state(model, tx, init_key, image_shape, mesh, ema=config.ema.decay > 0)
+    return model, schedule, state
+
+
+# The classifier: the one layer whose shape follows the class count (every model names it so).
+HEAD = "head"
+
+
+def warm_start(state: TrainState, source: str) -> tuple[TrainState, str]:
+    """config.init_from: `state` with the parameters saved at `source` (`checkpoint.locate`: a
+    workdir's best checkpoint, or DIR/checkpoints/STEP) in place of its initial ones; returns it
+    and a line saying what was loaded.
+
+    Every parameter of the model must be saved there with its shape, except the classifier `head`
+    when the class count differs: it keeps this run's initialisation (the model's own: normal(0.02)
+    kernel and zero bias in the paper's PatchConvNet, as the official `reset_classifier` leaves
+    PyTorch's default instead). The step, the optimizer state and the schedule start afresh; an
+    EMA starts at the loaded parameters. The raw parameters are loaded, not an EMA.
+    """
+    workdir, step = checkpoint.locate(source)
+    ckpt = checkpoint.Checkpointer(workdir, keep=1, read_only=True)
+    try:
+        saved = ckpt.restore_params(step)
+    finally:
+        ckpt.close()
+    params, fresh = merge_params(state.params, saved, f"config.init_from={source}")
+    state, _ = warm_state(state, params)
+    kept = f"; the {HEAD} starts afresh ({', '.join(fresh)}: another class count)" if fresh else ""
+    return state, f"initialised from the checkpoint at step {step} in {workdir}{kept}"
+
+
+def warm_state(state: TrainState, params) -> tuple[TrainState, Any]:
+    """`state` with `params` (host arrays, the tree of its own) placed as its initial parameters
+    are, as its EMA too where it keeps one; and the placed parameters."""
+    # A jitted identity: device_put cannot place on other processes' devices
+    params = jax.jit(lambda tree: tree, out_shardings=jax.tree.map(lambda x: x.sharding,
+                                                                   state.params))(params)
+    state = state.replace(params=params)
+    if has_ema(state):  # its own buffers: a train step donates both trees, which must not alias
+        state = state.replace(ema_params=jax.tree.map(jnp.copy, params))
+    return state, params
+
+
+def merge_params(params, saved, source: str):
+    """(`params` with every leaf replaced by `saved`'s at the same path, the head's leaves of
+    another shape kept; the paths kept). Any other missing, extra or misshapen leaf is one
+    `UserError` naming it."""
+    flat_saved = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(saved)}
+    problems, fresh = [], []
+
+    def take(path, leaf):
+        name = jax.tree_util.keystr(path)
+        value = flat_saved.pop(name, None)
+        if value is not None and tuple(value.shape) == tuple(leaf.shape):
+            return np.asarray(value, leaf.dtype)
+        if value is not None and str(path[0].key) == HEAD:
+            fresh.append(name)
+            return leaf
+        problems.append(f"{name} is missing there" if value is None else
+                        f"{name} has shape {tuple(value.shape)} there, {tuple(leaf.shape)} here")
+        return leaf
+
+    merged = jax.tree_util.tree_map_with_path(take, params)
+    problems += [f"{name} is there but not in this model" for name in flat_saved]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{source}: its parameters do not fit this config's model: {problems[0]}"
+                        f"{more}; start from a run of the same model (config.model)")
+    return merged, fresh
 
 
 def check_accumulation(batch_size: int, k: int, mesh: Mesh) -> None:
@@ -659,6 +735,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: 
         return finished
     if restored is None:
         _refuse_to_start_over(workdir)
+        if config.init_from:  # a resumed run continues from its own checkpoint instead
+            run.state, warm_note = warm_start(run.state, config.init_from)
     else:
         run.state, sums = restored
     run_record.check_and_record(workdir, config, mesh, resuming=restored is not None)
@@ -667,6 +745,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: 
     if stop.received:  # before the first step: nothing new to save, nothing written yet
         return _stopped_before_training(ckpt, stop.received, run.step, restored is not None)
     log = MetricsLog(workdir, config, resume_step=run.step if restored is not None else None)
+    if restored is None and config.init_from:
+        log.info(warm_note)
     _log_start(log, run, ckpt, restored is not None, compile_seconds)
     pace = progress.Pace(run.total_steps, run.step, config.batch_size, enabled=log.is_writer)
     start = time.perf_counter()

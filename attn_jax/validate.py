@@ -81,6 +81,7 @@ def _model_names() -> tuple[str, ...]:
 
 RULES: dict[str, Rule | Callable[[], Rule]] = {
     "seed": integer(0),
+    "init_from": optional(text()),  # a workdir or checkpoint to start from (fine-tuning)
     "dtype": one_of("float32", "bfloat16", "auto"),
     "batch_size": integer(1),
     "accumulate_steps": integer(1),  # micro-batches per optimizer update; 1: off
@@ -118,7 +119,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "preprocess.rotation": number(0.0, 1.0),  # a fraction of a full turn, as Keras' RandomRotation
     "preprocess.contrast": number(0.0, 1.0, open_high=True),  # factor in [1 - c, 1 + c]
     "preprocess.zoom": number(0.0, 1.0, open_high=True),
-    "preprocess.normalize": one_of("rescale", "standardize"),
+    "preprocess.normalize": one_of("rescale", "standardize", "imagenet"),
     # timm's RandAugment (rand-m9-mstd0.5-inc1: 2 ops, magnitude 9 of 10, noise 0.5); 0 ops: off
     "preprocess.randaugment_ops": integer(0),
     "preprocess.randaugment_magnitude": number(0.0, 10.0),

@@ -35,8 +35,8 @@ set below:
 - AdamW, lr 5e-4 * 1024 / 512 = 1e-3 at global batch 1024, betas (0.9, 0.999), eps 1e-8, weight
   decay 0.05 scaled by the learning rate (optax / PyTorch convention), 300 epochs, linear warm-up
   over 5 epochs then cosine decay, no gradient clipping; label smoothing 0.1; no dropout;
-  drop-path (the same rate in every block, as the official code); the class token and the
-  layer-scales are not decayed.
+  drop-path (the same rate in every block, as the official code); the class token and every 1-D
+  parameter (biases, LayerNorms, layer-scales) are not decayed.
 - Data: a fresh permutation of the training split every epoch with repeated augmentation (3
   repeats, DeiT's RASampler); DeiT's crops (its datasets.py `build_transform`, through timm's
   `create_transform`): RandomResizedCrop(224, scale (0.08, 1), ratio (3/4, 4/3)) for training, and
@@ -46,11 +46,19 @@ set below:
   probability 0.5), every batch mixed; random erasing (probability 0.25, mode pixel).
 - An EMA of the weights, decay 0.99996 without warm-up (`--model-ema`): evaluated beside the raw
   weights as val/ema_*; DeiT reports the raw model, and so does the 'best' checkpoint here.
+- Inputs standardised with ImageNet's mean and std (timm's IMAGENET_DEFAULT_MEAN / STD, as DeiT
+  and the official weights); no weight decay on the 1-D parameters (biases, LayerNorms,
+  layer-scales) nor on the class token (timm's optimizer factory with the model's
+  `no_weight_decay`, as DeiT trains).
 - Different from DeiT: the warm-up starts from 0 and the cosine ends at 0, stepped per step (DeiT:
   per epoch, warm-up from 1e-6, cosine to a floor of 1e-5); the crops are resized bilinearly with
-  PIL's antialiasing (DeiT: bicubic); inputs are x / 255 (DeiT: standardised with ImageNet's mean
-  and std); biases and LayerNorm parameters are decayed (DeiT/timm exclude every 1-D parameter);
-  RandAugment's ops differ from PIL's where the README's "modern stack" section says.
+  PIL's antialiasing (DeiT: bicubic); RandAugment's ops differ from PIL's where the README's
+  "modern stack" section says.
+
+The official weights (S60, 82.1%): `--mode=import --weights=S60.pth` makes them a checkpoint of a
+new workdir, which `--mode=eval|attend` restore with this config and `--config.init_from` fine-tunes
+from (README, "Official PatchConvNet weights"). Their evaluation here differs from DeiT's only by
+the resize of the crop (bilinear with antialiasing, DeiT's bicubic).
 
 `:paper` is the paper's own recipe as its first author gives it (facebookresearch/deit issue #185):
 LAMB instead of AdamW, lr 3e-3, global batch 2048, the rest as above. Stochastic depth "depending on
@@ -113,7 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.preprocess.rotation = 0.0
     config.preprocess.contrast = 0.0
     config.preprocess.zoom = 0.0
-    config.preprocess.normalize = "rescale"  # x / 255
+    config.preprocess.normalize = "imagenet"  # DeiT's: x / 255 standardised by ImageNet's mean, std
     config.preprocess.randaugment_ops = 2  # rand-m9-mstd0.5-inc1
     config.preprocess.randaugment_magnitude = 9.0
     config.preprocess.randaugment_magnitude_std = 0.5
@@ -138,7 +146,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.warmup_fraction = 5 / 300  # 5 warm-up epochs of 300
     config.optimizer.weight_decay = 0.05
     config.optimizer.weight_decay_mode = "lr_scaled"
-    config.optimizer.weight_decay_exclude = ("cls_token", "layer_scale")
+    # timm: no decay on 1-D parameters (biases, LayerNorm scales, layer-scales) + no_weight_decay()
+    config.optimizer.weight_decay_exclude = ("cls_token", "layer_scale", "bias", "scale")
     config.optimizer.b1 = 0.9
     config.optimizer.b2 = 0.999
     config.optimizer.eps = 1e-8  # PyTorch's AdamW default

@@ -39,7 +39,7 @@ def test_eval_preprocessing_is_deterministic_rescale_and_resize():
     np.testing.assert_allclose(preprocess.for_eval(images, _cfg(size=8)), images / 255.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("normalize", ["rescale", "standardize"])
+@pytest.mark.parametrize("normalize", ["rescale", "standardize", "imagenet"])
 def test_training_equals_eval_with_random_steps_off(normalize):
     stats = {"mean": jnp.array([120.0, 110.0, 100.0]), "std": jnp.array([60.0, 55.0, 50.0])}
     images = _images(3, 8)
@@ -48,3 +48,12 @@ def test_training_equals_eval_with_random_steps_off(normalize):
                zoom=0.0)
     np.testing.assert_allclose(preprocess.for_train(images, jax.random.key(1), cfg, stats),
                                preprocess.for_eval(images, cfg, stats), rtol=1e-6)
+
+
+def test_imagenet_normalisation_is_timms():
+    """DeiT's and the official PatchConvNet weights' inputs: (x / 255 - mean) / std per channel
+    with timm's IMAGENET_DEFAULT_MEAN (0.485, 0.456, 0.406) and STD (0.229, 0.224, 0.225)."""
+    pixel = jnp.array([[[[0.0, 127.5, 255.0]]]])
+    out = preprocess.normalize(pixel, _cfg(normalize="imagenet"), None)
+    want = [(0.0 - 0.485) / 0.229, (0.5 - 0.456) / 0.224, (1.0 - 0.406) / 0.225]
+    np.testing.assert_allclose(out[0, 0, 0], want, rtol=1e-6)

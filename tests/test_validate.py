@@ -14,7 +14,8 @@ from attn_jax.errors import UserError
 
 EXPERIMENTS = [("patch_convnet", None), ("patch_convnet", "smoke"), ("eanet", None),
                ("eanet", "smoke"), ("vit", None), ("patch_convnet_paper_cifar", None),
-               ("patch_convnet_s60_imagenet", None)]
+               ("patch_convnet_s60_imagenet", None), ("patch_convnet", "modern"),
+               ("eanet", "modern"), ("vit", "modern")]
 
 
 def _bad_values(value):
@@ -91,7 +92,7 @@ def test_an_unknown_field_is_refused():
     ("--config.optimizer.learning_rate=-0.001",
      "error: config.optimizer.learning_rate is -0.001: use a number in (0.0, inf]"),
     ("--config.preprocess.normalize=unit",
-     "error: config.preprocess.normalize is 'unit': use one of 'rescale', 'standardize'"),
+     "error: config.preprocess.normalize is 'unit': use one of 'rescale', 'standardize', 'imagenet'"),
 ])
 def test_launch_refuses_a_bad_value_before_any_work(tmp_path, flag, line):
     workdir = tmp_path / "run"
@@ -116,3 +117,17 @@ def test_model_sizes_that_must_divide_are_checked_before_any_work(name, override
     config = with_overrides(load_experiment(name), overrides)
     with pytest.raises(UserError, match=rf"^config\.{field} is "):
         validate.check(config)
+
+
+@pytest.mark.parametrize("name", ["patch_convnet", "eanet", "vit"])
+def test_modern_recipes_train_the_tutorial_networks_with_the_stack(name):
+    """`:modern` (issue 18): the tutorial's network (its dropouts off) on CIFAR-10, with RandAugment,
+    Mixup/CutMix, label smoothing, an EMA and a warm-up-cosine schedule."""
+    tutorial, modern = load_experiment(name), load_experiment(name, "modern")
+    model = {k: v for k, v in modern.model.items() if "dropout" not in k}
+    assert model == {k: v for k, v in tutorial.model.items() if "dropout" not in k}
+    assert all(v == 0.0 for k, v in modern.model.items() if "dropout" in k)
+    assert modern.dataset.name == "cifar10" and modern.dataset.num_classes == 10
+    assert modern.num_epochs == 50 and modern.optimizer.schedule == "warmup_cosine"
+    assert modern.preprocess.randaugment_ops == 2 and modern.mixup.cutmix_alpha == 1.0
+    assert modern.loss.label_smoothing == 0.1 and modern.ema.decay > 0
