@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy
@@ -133,9 +134,15 @@ class Checkpointer:
         if ema and not self.has_ema(step):
             raise UserError(f"the checkpoint at step {step} in {self.directory} holds no EMA of "
                             "the parameters (its run had config.ema.decay = 0): use the raw ones")
-        state = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))["state"]
-        return state["ema_params" if ema else "params"]
+        name = "ema_params" if ema else "params"
+        # Only that subtree, as host arrays: no optimizer state read, and no device layout
+        # needed, so a checkpoint of 8 devices loads on 1 (orbax refuses another topology).
+        shapes = self.manager.item_metadata(step)["state"][name]
+        target = {name: jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), shapes)}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        with ocp.PyTreeCheckpointer() as reader:
+            return reader.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True))[name]
 
     def restore(self, step: int, state, sums, description: dict):
         """Restores (state, sums) saved at `step` into the shapes and shardings of the given ones.

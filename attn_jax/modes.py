@@ -15,6 +15,7 @@ there imports it.
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -116,16 +117,17 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str | Path, weigh
     if not weights:
         raise UserError("--mode=import needs --weights=FILE.pth, the official state_dict")
     workdir = Path(workdir)
+    if (workdir / "checkpoints").exists() or (workdir / run_record.RECORD).exists():
+        raise UserError(f"{workdir} already holds a run: import into a new --workdir")
     state_dict = pth.read_state_dict(weights)
+    shapes = jax.eval_shape(lambda: _init(config))
+    params = official.to_params(state_dict, shapes, source=f"--weights={weights}")  # all or nothing
     mesh = train.create_mesh() if mesh is None else mesh
     with workdir_lock.hold(workdir):
+        run_record.check_and_record(workdir, config, mesh, resuming=False)  # what `load` reads
         ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
         try:
-            if ckpt.steps():
-                raise UserError(f"{workdir} already holds checkpoints {ckpt.steps()}: import into "
-                                "a new --workdir")
             _, _, state = train.initial_state(config, mesh, total_steps=1)
-            params = official.to_params(state_dict, state.params, source=f"--weights={weights}")
             state, _ = train.warm_state(state, params)
             description = {**checkpoint.run_description(config),
                            "imported_from": str(Path(weights).absolute())}
@@ -133,8 +135,15 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str | Path, weigh
             ckpt.wait()
         finally:
             ckpt.close()
-        run_record.check_and_record(workdir, config, mesh, resuming=False)
     return ckpt.directory / "0"
+
+
+def _init(config: ml_collections.ConfigDict):
+    """The model's initial parameters (for their shapes: under `jax.eval_shape`)."""
+    model = models.create_model(config, config.dataset.num_classes)
+    size = config.preprocess.size
+    images = jax.numpy.zeros((1, size, size, 3), jax.numpy.float32)
+    return model.init(jax.random.key(0), images, train=False)["params"]
 
 
 def export_weights(config: ml_collections.ConfigDict, workdir: str | Path, weights: str | Path,
@@ -151,10 +160,24 @@ def export_weights(config: ml_collections.ConfigDict, workdir: str | Path, weigh
         raise UserError(f"--weights={weights}: no such directory {weights.parent}")
     loaded = load(workdir, which, params, config=config)
     state_dict = official.to_state_dict(loaded.params)
-    temporary = weights.with_name(f".{weights.name}.partial")
-    pth.write_state_dict(temporary, state_dict)
-    temporary.replace(weights)  # whole or not at all
+    if jax.process_index() == 0:
+        _write_new_file(weights, lambda path: pth.write_state_dict(path, state_dict))
     return weights
+
+
+def _write_new_file(path: Path, write) -> None:
+    """`write(temporary)` then the temporary published as `path` whole, never over a file that
+    appeared meanwhile (a hard link fails on an existing name); the temporary goes either way."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        write(temporary)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            raise UserError(f"--weights={path} exists: export writes a new file, choose another "
+                            "name") from None
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 @dataclasses.dataclass
@@ -185,10 +208,8 @@ def load(path: str | Path, which: str = "best", params: str = "raw",
     finally:
         ckpt.close()
     model = models.create_model(config, config.dataset.num_classes)
-    size = config.preprocess.size
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3),
-                                                                          np.float32), train=False))
-    merged, fresh = train.merge_params(shapes["params"], saved, f"{workdir} (step {step})")
+    merged, fresh = train.merge_params(jax.eval_shape(lambda: _init(config)), saved,
+                                       f"{workdir} (step {step})")
     if fresh:
         raise UserError(f"{workdir} (step {step}) has another class count than the config "
                         f"({', '.join(fresh)}): load it with its own config")

@@ -98,11 +98,49 @@ def test_reading_runs_no_code_from_the_file(tmp_path, monkeypatch):
     assert isinstance(obj["payload"], pth.Opaque) and obj["payload"].name == "posix.system"
 
 
+def _crafted_tensor_file(path: Path, size, stride, offset=0) -> None:
+    """A .pth whose one tensor claims `size`, `stride` and `offset` over a 1-element storage."""
+    storage = pth._tuple([pth._string("storage"), pth._global("torch", "FloatStorage"),
+                          pth._string("0"), pth._string("cpu"), pth._int(1)]) + b"Q"
+    args = pth._tuple([storage, pth._int(offset), pth._tuple([pth._int(n) for n in size]),
+                       pth._tuple([pth._int(n) for n in stride]), b"\x89", pth._EMPTY_ORDERED_DICT])
+    pickled = (b"\x80\x02" + pth._EMPTY_ORDERED_DICT + b"(" + pth._string("x")
+               + pth._global("torch._utils", "_rebuild_tensor_v2") + args + b"Ru.")
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickled)
+        archive.writestr("archive/data/0", np.float32(1).tobytes())
+
+
+@pytest.mark.parametrize("size, stride, offset", [((256,), (1,), 0), ((2,), (-1,), 0),
+                                                  ((1,), (1,), 1)])
+def test_a_tensor_cannot_read_past_its_storage(tmp_path, size, stride, offset):
+    _crafted_tensor_file(tmp_path / "x.pth", size, stride, offset)
+    with pytest.raises(UserError, match="not a readable .pth file"):
+        pth.read_state_dict(tmp_path / "x.pth")
+    _crafted_tensor_file(tmp_path / "ok.pth", (1,), (1,))
+    assert pth.read_state_dict(tmp_path / "ok.pth")["x"] == 1.0
+
+
+def test_a_file_cannot_alter_the_reader(tmp_path):
+    """BUILD on a name the file resolves changes only this read's own wrapper of it."""
+    pickled = (b"\x80\x02" + pth._global("torch._utils", "_rebuild_tensor_v2") + b"N}"
+               + pth._string("__defaults__") + b"(J\x07\x00\x00\x00ts\x86b.")
+    with zipfile.ZipFile(tmp_path / "x.pth", "w") as archive:
+        archive.writestr("archive/data.pkl", pickled)
+    pth.read(tmp_path / "x.pth")
+    assert pth._rebuild_tensor.__defaults__ is None
+    assert list(pth.read_state_dict(DATA / "torch_state_dict.pth")) == ["a", "b", "c", "d", "e", "f"]
+
+
 def test_files_that_are_not_a_state_dict_are_clear_errors(tmp_path):
     legacy = tmp_path / "legacy.pth"
     legacy.write_bytes(pickle.dumps({"a": 1}))
-    with pytest.raises(UserError, match="not a zip-format .pth file"):
+    with pytest.raises(UserError, match="not a zip-format .pth file: a truncated download"):
         pth.read_state_dict(legacy)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes((DATA / "torch_state_dict.pth").read_bytes()[:-100])
+    with pytest.raises(UserError, match="truncated"):
+        pth.read_state_dict(truncated)
     _zip_with_pickle(tmp_path / "odd.pth", {"lr": 0.1})
     with pytest.raises(UserError, match="not a state_dict.*'lr'"):
         pth.read_state_dict(tmp_path / "odd.pth")
@@ -146,6 +184,14 @@ def test_s60_maps_to_the_official_keys_and_shapes():
     for key, shape in expected.items():
         assert shapes[key] == shape, key
     assert list(shapes)[-4:] == ["norm.weight", "norm.bias", "head.weight", "head.bias"]
+    block = [k.removeprefix("blocks.7.") for k in shapes if k.startswith("blocks.7.")]
+    assert block == ["gamma_1", "norm1.weight", "norm1.bias"] + [  # parameters, then modules
+        f"attn.qkv_pos.{m}.{p}" for m in ("0", "2", "4.conv_reduce", "4.conv_expand", "5")
+        for p in ("weight", "bias")]
+    token = [k.removeprefix("blocks_token_only.0.") for k in shapes if "token_only" in k]
+    assert token == ["gamma_1", "gamma_2"] + [f"{m}.{p}" for m in (
+        "norm1", "attn.q", "attn.k", "attn.v", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+        for p in ("weight", "bias")]
 
 
 def test_the_tutorial_model_is_refused():
@@ -330,14 +376,12 @@ def test_a_state_dict_that_does_not_fit_is_one_error_and_writes_nothing(imported
     pth.write_state_dict(tmp_path / "bad.pth", sd)
     with pytest.raises(UserError, match=expected):
         modes.import_weights(smoke_config(num_classes), tmp_path / "run", tmp_path / "bad.pth")
-    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
-        (tmp_path / "run" / "checkpoints").iterdir())
-    assert not (tmp_path / "run" / "run.json").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_import_refuses_a_workdir_with_checkpoints(imported):
     tmp, _, _ = imported
-    with pytest.raises(UserError, match="already holds checkpoints"):
+    with pytest.raises(UserError, match="already holds a run"):
         modes.import_weights(smoke_config(1000), tmp / "run", tmp / "official.pth")
 
 

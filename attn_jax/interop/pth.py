@@ -21,8 +21,8 @@ The legacy format of PyTorch < 1.6 (a bare pickle stream, not a zip) is refused 
 """
 
 import collections
-import functools
 import io
+import math
 import pickle
 import struct
 import zipfile
@@ -52,7 +52,7 @@ class PthError(UserError):
 class Opaque:
     """A stand-in for an object of any class the file names other than tensors and containers: it
     keeps the class's name (`name`), its constructor's arguments and its pickled state, and does
-    nothing else. `_opaque_class` makes one subclass per name."""
+    nothing else. The unpickler makes one subclass per name."""
 
     name = "?"
 
@@ -71,37 +71,36 @@ class Opaque:
         return f"Opaque({self.name})"
 
 
-@functools.cache
-def _opaque_class(module: str, name: str) -> type:
-    return type(name, (Opaque,), {"name": f"{module}.{name}"})
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
-class _StorageRef:
-    def __init__(self, data: np.ndarray):
-        self.data = data  # one-dimensional, the storage's elements
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _rebuild_tensor(storage: _StorageRef, offset: int, size, stride, *_) -> np.ndarray:
-    """torch._utils._rebuild_tensor_v2: a (copied, C-contiguous) view of the storage."""
-    if not size:  # a scalar tensor
-        return np.array(storage.data[offset])
-    itemsize = storage.data.itemsize
-    view = np.lib.stride_tricks.as_strided(storage.data[offset:], shape=tuple(size),
-                                           strides=tuple(s * itemsize for s in stride))
-    return np.ascontiguousarray(view)
+def _rebuild_tensor(storage: np.ndarray, offset, size, stride, *_) -> np.ndarray:
+    """torch._utils._rebuild_tensor_v2: a copy of the storage's elements the tensor covers. The
+    sizes, strides and offset are checked to stay inside the storage (a crafted file cannot make
+    it read other memory)."""
+    size, stride = tuple(size), tuple(stride)
+    if not (_is_index(offset) and all(map(_is_index, size)) and all(map(_is_index, stride))
+            and len(size) == len(stride)):
+        raise PthError(f"a tensor of size {size}, stride {stride}, offset {offset!r}")
+    if math.prod(size) and offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) \
+            >= storage.size:
+        raise PthError(f"a tensor of size {size} reaches past its storage of {storage.size} "
+                       "elements (a truncated or corrupt file)")
+    view = np.ndarray(size, storage.dtype, buffer=storage, offset=offset * storage.itemsize,
+                      strides=tuple(s * storage.itemsize for s in stride))
+    return np.array(view, order="C")  # a writable copy
 
 
-def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, *_):
+def _rebuild_parameter(data, *_):
     """torch._utils._rebuild_parameter(_with_state): an nn.Parameter is its tensor here."""
-    del requires_grad, backward_hooks
     return data
 
 
 _FUNCTIONS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
@@ -110,27 +109,47 @@ _FUNCTIONS = {
 
 
 class _Unpickler(pickle.Unpickler):
-    """Resolves only the names a state_dict needs; storages come from the archive."""
+    """Resolves only the names a state_dict needs, each to a fresh wrapper of this unpickler's own
+    (so that the file's BUILD opcodes can alter nothing beyond it); any other name is an inert
+    `Opaque` class; storages come from the archive, each read once."""
 
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str):
         super().__init__(file)
-        self._archive, self._prefix = archive, prefix
+        self._archive, self._prefix, self._byteorder = archive, prefix, byteorder
+        self._storages: dict[str, np.ndarray] = {}
+        self._names: dict[tuple[str, str], object] = {}
 
     def find_class(self, module: str, name: str):
+        if (module, name) not in self._names:
+            self._names[(module, name)] = self._resolve(module, name)
+        return self._names[(module, name)]
+
+    @staticmethod
+    def _resolve(module: str, name: str):
+        if (module, name) == ("collections", "OrderedDict"):
+            return lambda *args: collections.OrderedDict(*args)
         if (module, name) in _FUNCTIONS:
-            return _FUNCTIONS[(module, name)]
+            function = _FUNCTIONS[(module, name)]
+            return lambda *args: function(*args)
         if module == "torch" and name in STORAGE_DTYPES:
-            return name  # the storage's type, read by persistent_load
-        return _opaque_class(module, name)
+            return f"torch.{name}"  # the storage's type, read by persistent_load
+        return type(name, (Opaque,), {"name": f"{module}.{name}"})
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise PthError(f"unknown persistent id {pid!r}")
-        storage_type, key = pid[1], pid[2]
+        storage_type, key = str(pid[1]).removeprefix("torch."), str(pid[2])
         if storage_type not in STORAGE_DTYPES:
-            raise PthError(f"tensor storage of type {storage_type!r} is not supported")
-        raw = self._archive.read(f"{self._prefix}data/{key}")
-        return _StorageRef(np.frombuffer(raw, dtype=np.dtype(STORAGE_DTYPES[storage_type])))
+            raise PthError(f"tensor storage of type {pid[1]!r} is not supported")
+        if key not in self._storages:
+            dtype = np.dtype(STORAGE_DTYPES[storage_type]).newbyteorder(self._byteorder)
+            raw = self._archive.read(f"{self._prefix}data/{key}")
+            self._storages[key] = np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="))
+        return self._storages[key]
+
+
+_READ_ERRORS = (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError,
+                IndexError, OverflowError, MemoryError, zipfile.BadZipFile, PthError)
 
 
 def read(path: str | Path):
@@ -139,17 +158,26 @@ def read(path: str | Path):
     if not path.is_file():
         raise PthError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):
-        raise PthError(f"{path} is not a zip-format .pth file (PyTorch >= 1.6): if it is the "
-                       "legacy format, re-save it with torch.save(torch.load(f), f2)")
-    with zipfile.ZipFile(path) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
-        if len(pickles) != 1:
-            raise PthError(f"{path}: expected one <archive>/data.pkl in the zip, found {pickles}")
-        prefix = pickles[0][: -len("data.pkl")]
-        try:
-            return _Unpickler(io.BytesIO(archive.read(pickles[0])), archive, prefix).load()
-        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
-            raise PthError(f"{path}: cannot unpickle its data.pkl ({type(e).__name__}: {e})") from None
+        raise PthError(f"{path} is not a zip-format .pth file: a truncated download (fetch it "
+                       "again), or PyTorch < 1.6's legacy format (re-save it with torch.save)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist()
+                       if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pickles) != 1:
+                raise PthError(f"expected one <archive>/data.pkl in the zip, found {pickles}")
+            prefix = pickles[0][: -len("data.pkl")]
+            names = set(archive.namelist())
+            byteorder = (archive.read(f"{prefix}byteorder").decode().strip()
+                         if f"{prefix}byteorder" in names else "little")
+            if byteorder not in ("little", "big"):
+                raise PthError(f"byteorder {byteorder!r}")
+            unpickler = _Unpickler(io.BytesIO(archive.read(pickles[0])), archive, prefix,
+                                   "<" if byteorder == "little" else ">")
+            return unpickler.load()
+    except _READ_ERRORS as e:
+        raise PthError(f"{path} is not a readable .pth file ({type(e).__name__}: {e}): a "
+                       "truncated or corrupt download? fetch it again") from None
 
 
 def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, np.ndarray]:
@@ -204,7 +232,8 @@ _EMPTY_ORDERED_DICT = _global("collections", "OrderedDict") + b")R"  # EMPTY_TUP
 
 def _tensor(key: str, array: np.ndarray) -> bytes:
     """_rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict()) of storage `key`."""
-    storage_id = _tuple([_string("storage"), _global("torch", STORAGE_OF_DTYPE[array.dtype]),
+    storage_type = STORAGE_OF_DTYPE[array.dtype.newbyteorder("=")]
+    storage_id = _tuple([_string("storage"), _global("torch", storage_type),
                          _string(key), _string("cpu"), _int(array.size)]) + b"Q"  # BINPERSID
     stride, step = [], 1
     for dim in reversed(array.shape):
@@ -232,16 +261,15 @@ def write_state_dict(path: str | Path, tensors: Mapping[str, np.ndarray],
     arrays = {}
     for name, value in tensors.items():
         array = np.asarray(value, order="C")  # (ascontiguousarray would make a scalar 1-d)
-        if array.dtype not in STORAGE_OF_DTYPE:
+        if array.dtype.newbyteorder("=") not in STORAGE_OF_DTYPE:
             raise PthError(f"{name}: dtype {array.dtype} has no torch storage type")
-        arrays[name] = array
+        arrays[name] = array.astype(array.dtype.newbyteorder("<"), copy=False)  # torch's order
     pickled = _pickle(arrays)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
         _aligned_entry(archive, f"{archive_name}/data.pkl", pickled)
         _aligned_entry(archive, f"{archive_name}/byteorder", b"little")
         for i, array in enumerate(arrays.values()):
-            _aligned_entry(archive, f"{archive_name}/data/{i}", array.astype(
-                array.dtype.newbyteorder("<"), copy=False).tobytes())
+            _aligned_entry(archive, f"{archive_name}/data/{i}", array.tobytes())
         _aligned_entry(archive, f"{archive_name}/version", b"3\n")
 
 
