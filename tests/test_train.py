@@ -354,3 +354,24 @@ def test_ema_follows_the_train_step_and_is_absent_when_off(tiny_config):
         np.testing.assert_allclose(e, 0.9 * i + 0.1 * p, rtol=1e-5, atol=1e-7)
     off = _one_step(tiny_config(), train.create_mesh(), batch)[1]
     assert type(off) is train.TrainState and not train.has_ema(off)
+
+
+def test_the_loop_waits_for_each_call_before_the_last_one_dispatched():
+    """A SIGTERM waits for at most the running call and one queued behind it, not for every call
+    up to the next log line (asynchronous dispatch would queue them all)."""
+    waited = []
+
+    class Step:  # a step counter as a dispatched call returns it
+        def __init__(self, call):
+            self.call = call
+
+        def __add__(self, other):
+            return Step(self.call)
+
+        def block_until_ready(self):
+            waited.append(self.call)
+
+    queue = train.DispatchQueue()
+    for call in range(4):
+        queue.dispatched(Step(call))
+        assert waited == list(range(call))  # every call before this one is finished
