@@ -416,6 +416,18 @@ def test_init_from_another_model_is_one_error(imported):
 
 
 @pytest.mark.slow
+def test_eval_restores_an_imported_checkpoint(digits_data_dir, tmp_path):
+    """--mode=eval's default --checkpoint=best finds the import, which has no validation score."""
+    config = digits_config(digits_data_dir, {"dataset.read_workers": 0},
+                           experiment="patch_convnet_s60_imagenet")
+    pth.write_state_dict(tmp_path / "w.pth", random_state_dict(_shapes(create_model(config, 10), 32)))
+    modes.import_weights(config, tmp_path / "run", tmp_path / "w.pth")
+    metrics = modes.evaluate_checkpoint(config, tmp_path / "run")
+    assert metrics["step"] == 0 and 0.0 <= metrics["test/top1"] <= 1.0
+    assert (tmp_path / "run" / "eval_best_test.json").exists()
+
+
+@pytest.mark.slow
 def test_fine_tune_from_imported_weights_end_to_end(imported, digits_data_dir, tmp_path, capsys):
     """A digits run (10 classes, 48 px) with config.init_from trains from the imported weights
     (1000 classes, 32 px), and a relaunch resumes from its own checkpoint, not from them."""
