@@ -92,6 +92,7 @@ MODERN_STACK = {"preprocess.randaugment_ops": 2, "preprocess.randaugment_magnitu
                 "mixup.mixup_alpha": 0.8, "mixup.cutmix_alpha": 1.0}
 
 
+@pytest.mark.slow  # two 8-device and two 1-device compilations of the whole stack: 10 s each
 @pytest.mark.parametrize("switch_prob", [0.0, 1.0], ids=["mixup", "cutmix"])
 def test_eight_devices_match_one_device_with_the_modern_stack(tiny_config, switch_prob):
     assert jax.device_count() == 8, "conftest.py fakes 8 CPU devices"

@@ -69,6 +69,7 @@ def test_untied_parameter_tree_is_unchanged_and_tied_has_one_block():
                for i in range(3))
 
 
+@pytest.mark.slow  # three models' compilations: 12 s
 def test_tied_trunk_is_the_untied_one_with_every_block_equal():
     """The tied model computes exactly the untied model whose blocks all hold the shared weights."""
     tied, untied = (models.create_model(tutorial_trunk_config(t), 10) for t in (True, False))
