@@ -51,6 +51,7 @@ def test_benchmark_reports_speed_flops_mfu_and_the_input_pipeline(tmp_path, tiny
         assert min(ratios) * 0.99 <= r["mfu"] <= max(ratios) * 1.01 and r["mfu"] > 0
     measured = report["train"]["peak_flops_per_s_all"] + report["eval"]["peak_flops_per_s_all"]
     assert min(measured) <= report["peak"]["flops_per_s"] <= max(measured)
+    assert report["peak"]["range"] == [min(measured), max(measured)]
     # The profile attributes the step's time to the model's layers, forward and backward.
     table = (tmp_path / "profile.txt").read_text()
     assert table.startswith("op time per train step:")

@@ -148,6 +148,8 @@ def _time_steps(config: ml_collections.ConfigDict, mesh, opts: dict, probe, repo
             count(eval_fn, eval_compiled, stepper.state, eval_batch, stats), forward, *eval_build)
     measured = _measured_peaks(report)
     report["peak"]["flops_per_s"] = statistics.median(measured) if measured else None
+    if measured:  # the spread, to judge a comparison across runs (a shared CPU drifts)
+        report["peak"]["range"] = [min(measured), max(measured)]
     report["compilations"] = dict(compilations)
     return stepper
 
@@ -172,8 +174,10 @@ def _print_steps(report: dict, say: Say) -> None:
         if name in report:
             say(steps.format_step(name, report[name]))
     if measured := _measured_peaks(report):
+        low, high = report["peak"]["range"]
         say(f"peak: {report['peak']['flops_per_s'] / 1e9:.1f} GFLOP/s, median of the "
-            f"{len(measured)} measured beside the timings ({report['peak']['source']})")
+            f"{len(measured)} measured beside the timings, range {low / 1e9:.1f}-{high / 1e9:.1f} "
+            f"({report['peak']['source']})")
 
 
 def _time_feeds(config: ml_collections.ConfigDict, mesh, stepper: steps.Stepper, opts: dict,
