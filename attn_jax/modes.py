@@ -128,7 +128,7 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str | Path, weigh
         ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
         try:
             _, _, state = train.initial_state(config, mesh, total_steps=1)
-            state, _ = train.warm_state(state, params)
+            state = train.warm_state(state, params)
             description = {**checkpoint.run_description(config),
                            "imported_from": str(Path(weights).absolute())}
             ckpt.save(state, train.zero_sums(mesh), description)

@@ -586,21 +586,21 @@ def warm_start(state: TrainState, source: str) -> tuple[TrainState, str]:
     finally:
         ckpt.close()
     params, fresh = merge_params(state.params, saved, f"config.init_from={source}")
-    state, _ = warm_state(state, params)
+    state = warm_state(state, params)
     kept = f"; the {HEAD} starts afresh ({', '.join(fresh)}: another class count)" if fresh else ""
     return state, f"initialised from the checkpoint at step {step} in {workdir}{kept}"
 
 
-def warm_state(state: TrainState, params) -> tuple[TrainState, Any]:
+def warm_state(state: TrainState, params) -> TrainState:
     """`state` with `params` (host arrays, the tree of its own) placed as its initial parameters
-    are, as its EMA too where it keeps one; and the placed parameters."""
+    are, as its EMA too where it keeps one."""
     # A jitted identity: device_put cannot place on other processes' devices
     params = jax.jit(lambda tree: tree, out_shardings=jax.tree.map(lambda x: x.sharding,
                                                                    state.params))(params)
     state = state.replace(params=params)
     if has_ema(state):  # its own buffers: a train step donates both trees, which must not alias
         state = state.replace(ema_params=jax.tree.map(jnp.copy, params))
-    return state, params
+    return state
 
 
 def merge_params(params, saved, source: str):
