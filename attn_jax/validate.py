@@ -83,6 +83,8 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "seed": integer(0),
     "init_from": optional(text()),  # a workdir or checkpoint to start from (fine-tuning)
     "dtype": one_of("float32", "bfloat16", "auto"),
+    "cpu_devices": ("'auto' or a count of at least 1 such as '2'",
+                    lambda v: v == "auto" or (isinstance(v, str) and v.isdigit() and int(v) >= 1)),
     "batch_size": integer(1),
     "accumulate_steps": integer(1),  # micro-batches per optimizer update; 1: off
     "eval_batch_size": integer(1),

@@ -64,6 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # from the official PatchConvNet weights. The head starts afresh when the class count differs.
     config.init_from = config_dict.placeholder(str)
     config.dtype = "float32"  # "float32" | "bfloat16" | "auto" (bfloat16 on GPU/TPU)
+    # CPU hosts: JAX devices to split the cores into (data parallelism inside the host), "auto"
+    # (2 where there are 2+ cores) or a count such as "4" (attn_jax/cpu_devices.py)
+    config.cpu_devices = "auto"
     config.batch_size = 128  # global, over all devices: the examples per optimizer update
     # Gradient accumulation: k > 1 computes each update's gradient in k micro-batches of
     # batch_size / k (a k-th of the activation memory), the same update; 1: off.
