@@ -237,10 +237,13 @@ def main(argv: list[str]) -> None:
             point, point_dir = _sweep_point(config)  # its overrides, validated with the rest
         validate.check(config)  # every value, before any work
         use_unrolled_threefry_on_cpu()  # dropout masks at GPU speed on CPU: the same bits, faster
-        if _MODE.value in ("train", "benchmark") or _SWEEP.value:  # the modes that run training
+        trains = (_MODE.value in ("train", "benchmark") and not _SWEEP.value
+                  or _POINT.value is not None)  # a sweep's parent only starts its points
+        if trains:
             from attn_jax.cpu_devices import split_host
 
-            split_host(config)  # before anything starts JAX's devices
+            single = not _DISTRIBUTED.value and (_NUM_PROCESSES.value or 1) == 1
+            split_host(config, single_process=single)  # before anything starts JAX's devices
 
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                _DISTRIBUTED.value)

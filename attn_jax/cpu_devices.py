@@ -1,24 +1,22 @@
 """How many JAX devices a CPU host is split into (`config.cpu_devices`), set before JAX starts.
 
 XLA:CPU runs one device's program as a graph of ops on one pool of threads, one per core. Much of
-these models' step is ops too small or too serial to keep every core busy: the chunked attentions'
-small matmuls and softmax passes, LayerNorms, dropout masks. On the project's 2-core AMD EPYC
-(AVX-512) the EANet train step's ops added up to 2,124 ms per step in 2,016 ms of wall time: about
-one core's worth of work at a time. Split into two devices, each with half of the batch (data
-parallelism inside the host, with the gradients averaged across the two as across hosts), the
-runtime has two independent streams of ops for the two cores. Train steps, images/s, 1 device /
-2 devices, alternating processes on that machine (`python launch.py --mode=benchmark`, float32,
-batch 128; docs/performance.md, 2026-12-02): EANet 67.2, 65.1 / 72.7, 82.3; PatchConvNet 67.5,
-63.2 / 70.2, 69.0; ViT 21.6 / 24.4. Four devices on the two cores ran as fast as two (85.0 against
-86.3 for EANet).
+these models' step is ops too small or too serial to keep every core busy (the chunked attentions'
+small matmuls and softmax passes, LayerNorms, dropout masks): on the project's 2-core AMD EPYC the
+EANet train step's ops added up to 2,124 ms per step in 2,016 ms of wall time, about one core's
+work at a time. Split into two devices, each with half of the batch (data parallelism inside the
+host, the gradients averaged across the two as across hosts), the runtime has two independent
+streams of ops, one per core: the train steps ran 1.04-1.26x as fast (docs/performance.md,
+2026-12-02, has the table; four devices ran as fast as two).
 
-`"auto"` therefore splits a host with at least two cores into `AUTO_DEVICES` = 2 devices, where the
-batch divides over them; one core, or a batch that does not divide, keeps one device. Only two
-cores were measured: on a larger CPU, `--config.cpu_devices=N` tries N. It applies to the CPU
-backend only (a GPU or TPU host's accelerators are unaffected) and gives way to a device count
-forced through `XLA_FLAGS=--xla_force_host_platform_device_count` (as the tests do). The result
-is the same function of the same data up to float summation order: the batch, its dropout masks
-(drawn per example from the global index) and the optimizer update do not depend on the split.
+The rule, `resolve`: "auto" splits a single-process run on a host of at least two cores into
+`AUTO_DEVICES` = 2 devices where every batch divides over them, and keeps one device otherwise
+(one core, a batch that does not divide, a multi-process run: those are unmeasured). Only two cores
+were measured: on a larger CPU, `--config.cpu_devices=N` tries N. Only the CPU backend is affected
+(a GPU or TPU host's accelerators are not), and a count already forced through `XLA_FLAGS`
+(`--xla_force_host_platform_device_count`, as the tests do) or `JAX_NUM_CPU_DEVICES` wins. The
+result is the same function of the same data up to float summation order (8 devices against 1 is
+tested in tests/test_train.py): the batch, its dropout masks and the update do not depend on it.
 """
 
 import os
@@ -30,7 +28,6 @@ from jax._src import xla_bridge
 from attn_jax.errors import UserError
 
 AUTO_DEVICES = 2
-_FORCED = "--xla_force_host_platform_device_count"
 
 
 def host_cores() -> int:
@@ -41,26 +38,36 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
-def resolve(setting: str, cores: int, batch_sizes: tuple[int, ...]) -> int:
-    """config.cpu_devices -> the number of CPU devices: an integer as given; "auto" as above."""
+def resolve(setting: str, cores: int, batch_sizes: tuple[int, ...],
+            single_process: bool = True) -> int:
+    """config.cpu_devices -> the number of CPU devices. A count ("3") is taken as given; "auto" is
+    `AUTO_DEVICES` for a single process on at least that many cores whose `batch_sizes` (each the
+    examples one device-wide step splits: micro-batch, eval batch) all divide by it, else 1."""
     if setting != "auto":
         return int(setting)
-    if cores < AUTO_DEVICES or any(size % AUTO_DEVICES for size in batch_sizes):
-        return 1
-    return AUTO_DEVICES
+    splits = (single_process and cores >= AUTO_DEVICES
+              and all(size % AUTO_DEVICES == 0 for size in batch_sizes))
+    return AUTO_DEVICES if splits else 1
 
 
-def split_host(config: ml_collections.ConfigDict) -> int | None:
+def _forced() -> bool:
+    """Whether the environment already fixes the CPU device count."""
+    return ("--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+            or "JAX_NUM_CPU_DEVICES" in os.environ)
+
+
+def split_host(config: ml_collections.ConfigDict, single_process: bool = True) -> int | None:
     """Sets JAX's CPU device count from `config.cpu_devices` before the backends start; returns it,
-    or None where it was left alone (forced by XLA_FLAGS, or JAX already started)."""
-    if _FORCED in os.environ.get("XLA_FLAGS", "") or xla_bridge.backends_are_initialized():
+    or None where it was left alone (fixed by the environment, or JAX already started)."""
+    if _forced() or xla_bridge.backends_are_initialized():
         return None
-    micro_batch = config.batch_size // config.get("accumulate_steps", 1)
+    steps = config.get("accumulate_steps", 1)
+    micro_batch = config.batch_size // steps if config.batch_size % steps == 0 else 1
     count = resolve(config.get("cpu_devices", "auto"), host_cores(),
-                    (micro_batch, config.eval_batch_size))
+                    (micro_batch, config.eval_batch_size), single_process)
     try:
         jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError as e:  # a JAX that cannot change it any more
+    except (AttributeError, RuntimeError) as e:  # a JAX without the option, or already started
         raise UserError(f"config.cpu_devices: could not split the CPU into {count} devices "
                         f"({e}); set --config.cpu_devices=1") from None
     return count

@@ -43,6 +43,12 @@ def one_of(*choices) -> Rule:
     return "one of " + ", ".join(repr(c) for c in choices), lambda v: v in choices
 
 
+def auto_or_count() -> Rule:
+    """"auto" or a positive count written as a string ("2"): a string field a flag can set."""
+    return "'auto' or a count of at least 1 such as '2'", lambda v: v == "auto" or (
+        isinstance(v, str) and v.isdigit() and int(v) >= 1)
+
+
 def text() -> Rule:
     return "a non-empty string", lambda v: isinstance(v, str) and bool(v.strip())
 
@@ -83,8 +89,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "seed": integer(0),
     "init_from": optional(text()),  # a workdir or checkpoint to start from (fine-tuning)
     "dtype": one_of("float32", "bfloat16", "auto"),
-    "cpu_devices": ("'auto' or a count of at least 1 such as '2'",
-                    lambda v: v == "auto" or (isinstance(v, str) and v.isdigit() and int(v) >= 1)),
+    "cpu_devices": auto_or_count(),
     "batch_size": integer(1),
     "accumulate_steps": integer(1),  # micro-batches per optimizer update; 1: off
     "eval_batch_size": integer(1),

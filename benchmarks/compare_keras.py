@@ -36,7 +36,8 @@ EXPERIMENTS = {"patch_convnet": "experiments/patch_convnet.py", "eanet": "experi
 def keras_images_per_s(python: str, anchor: Path, model: str, steps: int) -> tuple[float, bool]:
     """(training images/s the anchor prints for `model` over `steps` batches after its warm-up,
     whether Keras compiled its step with XLA)."""
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONWARNINGS": "default"}  # Keras' fallback from XLA is a warning
     done = subprocess.run([python, str(anchor), model, str(steps)], env=env, capture_output=True,
                           text=True, check=True)
     xla = "jit_compile=False" not in done.stderr

@@ -1,5 +1,6 @@
 """config.cpu_devices: how many JAX devices launch.py splits a CPU host into."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from attn_jax import cpu_devices, validate
+from attn_jax import cpu_devices, run_record, train, validate
 from attn_jax.errors import UserError
 from attn_jax.experiment import load_module
 
@@ -25,6 +26,11 @@ def test_auto_splits_two_cores_where_the_batches_divide(setting, cores, batches,
     assert cpu_devices.resolve(setting, cores, batches) == expected
 
 
+def test_auto_keeps_one_device_per_process_in_a_multi_process_run():
+    assert cpu_devices.resolve("auto", 2, (128, 128), single_process=False) == 1
+    assert cpu_devices.resolve("2", 2, (128, 128), single_process=False) == 2
+
+
 @pytest.mark.parametrize("value", ["two", "0", ""])
 def test_a_bad_count_is_refused_naming_the_field(value):
     config = load_module(ROOT / "experiments" / "eanet.py").get_config("smoke")
@@ -34,19 +40,35 @@ def test_a_bad_count_is_refused_naming_the_field(value):
         validate.check(config)
 
 
-def test_a_device_count_forced_through_xla_flags_is_left_alone(monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    config = load_module(ROOT / "experiments" / "eanet.py").get_config("smoke")
-    assert cpu_devices.split_host(config) is None
-
-
-def test_launch_splits_the_host_before_jax_starts():
-    """In a fresh process without the tests' forced device count, as launch.py calls it."""
+def _split_in_a_fresh_process(env: dict) -> list[str]:
+    """[split_host's answer, the device count JAX then has] in a new process, as launch.py runs."""
     code = ("import jax; from attn_jax import cpu_devices; from attn_jax.experiment import "
             "load_module; c = load_module('experiments/eanet.py').get_config('smoke'); "
             "n = cpu_devices.split_host(c); print(n, jax.device_count())")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                         text=True, check=True).stdout.split()
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, check=True).stdout.split()
+
+
+def test_launch_splits_the_host_before_jax_starts():
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     expected = cpu_devices.resolve("auto", cpu_devices.host_cores(), (64, 64))  # smoke batches
-    assert out == [str(expected), str(expected)]
+    assert _split_in_a_fresh_process(env) == [str(expected), str(expected)]
+
+
+def test_a_device_count_forced_through_xla_flags_is_left_alone():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    assert _split_in_a_fresh_process(env) == ["None", "3"]
+
+
+def test_a_run_recorded_before_the_field_existed_resumes(tmp_path):
+    """cpu_devices changes how a run is carried out, not what it computes: a relaunch may change it,
+    and a record written before the field existed is the same run."""
+    config = load_module(ROOT / "experiments" / "eanet.py").get_config("smoke")
+    mesh = train.create_mesh()
+    run_record.check_and_record(tmp_path, config, mesh, resuming=False)
+    record = json.loads((tmp_path / run_record.RECORD).read_text())
+    del record["config"]["cpu_devices"]
+    (tmp_path / run_record.RECORD).write_text(json.dumps(record))
+    with config.unlocked():
+        config.cpu_devices = "1"
+    run_record.check_and_record(tmp_path, config, mesh, resuming=True)  # no error
