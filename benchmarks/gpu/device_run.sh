@@ -1,0 +1,71 @@
+#!/bin/bash
+# The GPU session's one command (issue "Prove it on a GPU"), run from the checkout's root on the
+# device machine with .whl/ and .gpu_data/ carried (benchmarks/gpu/prepare.sh makes them):
+#
+#     bash benchmarks/gpu/device_run.sh            # results under $OUT
+#     QUICK=1 bash benchmarks/gpu/device_run.sh    # a rehearsal on CPU: tiny splits, 1 epoch
+#
+# In order, each stage under its own time limit so that a slow one cannot eat the next:
+#   1. the tutorial PatchConvNet, 50 epochs, bfloat16, the experiment's defaults, CIFAR-10 from the
+#      ArrayRecord copy (validation and test train[40000:]: there is no test split here);
+#   2. --mode=benchmark for the three tutorial models (bfloat16, steps_per_call 1 and 16; float32
+#      for PatchConvNet);
+#   3. EANet and the ViT baseline, 50 epochs each on CIFAR-10, while time is left.
+# Each run's small outputs (run.json, summary.json, metrics.jsonl, curves.png, console log,
+# benchmark.json) are copied to $OUT; checkpoints stay on the machine.
+set -u
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/attn_jax_out}
+mkdir -p "$OUT"
+if ! python3 -c "import tensorflow_datasets, ml_collections" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+{ nvidia-smi -L; python3 -c "import jax; print(jax.__version__, jax.devices())"; } \
+  > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+data=(--config.dataset.data_dir=.gpu_data/tfds_array_record --config.dataset.download=False
+      "--config.dataset.test_split=train[40000:]")
+epochs=50 limit=${LIMIT_S:-240} quick_bench=()
+if [ "${QUICK:-0}" = 1 ]; then
+  quick_bench=(--config.benchmark.steps=1 --config.benchmark.repeats=1)
+  data+=("--config.dataset.train_split=train[:512]" "--config.dataset.val_split=train[40000:40256]"
+         "--config.dataset.test_split=train[40000:40256]")
+  epochs=1 limit=300
+fi
+
+train() {  # name experiment [overrides...]: one full run, its outputs copied to $OUT/name
+  local name=$1 experiment=$2; shift 2
+  local dir=/tmp/runs/$name start=$SECONDS
+  rm -rf "$dir"
+  timeout "$limit" python3 launch.py --config="$experiment" --workdir="$dir" \
+    --config.num_epochs=$epochs "${data[@]}" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: exit $? after $((SECONDS - start)) s from launch" | tee -a "$OUT/summary.txt"
+  mkdir -p "$OUT/$name"
+  cp "$dir"/{run.json,summary.json,metrics.jsonl,curves.png} "$OUT/$name/" 2>/dev/null
+  tail -3 "$OUT/$name.log"
+}
+
+bench() {  # name experiment [overrides...]: --mode=benchmark, benchmark.json to $OUT/name
+  local name=$1 experiment=$2; shift 2
+  timeout 120 python3 launch.py --config="$experiment" --mode=benchmark --workdir=/tmp/bench/$name \
+    "${data[@]}" "${quick_bench[@]}" "$@" > "$OUT/bench_$name.log" 2>&1
+  echo "bench $name: exit $?" | tee -a "$OUT/summary.txt"
+  mkdir -p "$OUT/bench_$name" && cp /tmp/bench/$name/benchmark.json "$OUT/bench_$name/" 2>/dev/null
+  grep -E "^(train|eval) step" "$OUT/bench_$name.log"
+}
+
+train patch_convnet experiments/patch_convnet.py --config.dtype=bfloat16
+bench patch_convnet_bf16 experiments/patch_convnet.py --config.dtype=bfloat16
+bench patch_convnet_bf16_k16 experiments/patch_convnet.py --config.dtype=bfloat16 --config.steps_per_call=16
+bench patch_convnet_f32 experiments/patch_convnet.py --config.dtype=float32
+bench eanet_bf16 experiments/eanet.py --config.dtype=bfloat16
+bench eanet_bf16_k16 experiments/eanet.py --config.dtype=bfloat16 --config.steps_per_call=16
+bench vit_bf16 experiments/vit.py --config.dtype=bfloat16
+bench vit_bf16_k16 experiments/vit.py --config.dtype=bfloat16 --config.steps_per_call=16
+cifar10=(--config.dataset.name=cifar10 --config.dataset.num_classes=10 --config.dtype=bfloat16)
+train eanet experiments/eanet.py "${cifar10[@]}"
+train vit experiments/vit.py "${cifar10[@]}"
