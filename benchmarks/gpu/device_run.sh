@@ -3,6 +3,7 @@
 # device machine with .whl/ and .gpu_data/ carried (benchmarks/gpu/prepare.sh makes them):
 #
 #     bash benchmarks/gpu/device_run.sh            # results under $OUT
+#     (through the device tool: command "bash benchmarks/gpu/device_run.sh", carry [".whl", ".gpu_data"])
 #     QUICK=1 bash benchmarks/gpu/device_run.sh    # a rehearsal on CPU: tiny splits, 1 epoch
 #
 # In order, each stage under its own time limit so that a slow one cannot eat the next:
