@@ -237,9 +237,8 @@ def main(argv: list[str]) -> None:
             point, point_dir = _sweep_point(config)  # its overrides, validated with the rest
         validate.check(config)  # every value, before any work
         use_unrolled_threefry_on_cpu()  # dropout masks at GPU speed on CPU: the same bits, faster
-        trains = (_MODE.value in ("train", "benchmark") and not _SWEEP.value
-                  or _POINT.value is not None)  # a sweep's parent only starts its points
-        if trains:
+        # the modes that train; a sweep's parent only starts its points, each its own launch
+        if (_MODE.value in ("train", "benchmark") and not _SWEEP.value) or _POINT.value is not None:
             from attn_jax.cpu_devices import split_host
 
             single = not _DISTRIBUTED.value and (_NUM_PROCESSES.value or 1) == 1

@@ -61,8 +61,7 @@ def split_host(config: ml_collections.ConfigDict, single_process: bool = True) -
     or None where it was left alone (fixed by the environment, or JAX already started)."""
     if _forced() or xla_bridge.backends_are_initialized():
         return None
-    steps = config.get("accumulate_steps", 1)
-    micro_batch = config.batch_size // steps if config.batch_size % steps == 0 else 1
+    micro_batch = config.batch_size // config.get("accumulate_steps", 1)  # validated to divide
     count = resolve(config.get("cpu_devices", "auto"), host_cores(),
                     (micro_batch, config.eval_batch_size), single_process)
     try:

@@ -13,15 +13,22 @@
 #      for PatchConvNet);
 #   3. EANet and the ViT baseline, 50 epochs each on CIFAR-10, while time is left.
 # Each run's small outputs (run.json, summary.json, metrics.jsonl, curves.png, console log,
-# benchmark.json) are copied to $OUT; checkpoints stay on the machine.
+# benchmark.json) are copied to $OUT (an empty folder; by default a new one under /tmp);
+# workdirs and checkpoints go to a new folder under /tmp, so no earlier run is touched.
 set -u
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/attn_jax_out}
+OUT=${OUT:-$(mktemp -d /tmp/attn_jax_out.XXXX)}
 mkdir -p "$OUT"
+if [ -n "$(ls -A "$OUT")" ]; then
+  echo "error: OUT=$OUT already holds files: give an empty or new folder" >&2
+  exit 2
+fi
+runs=$(mktemp -d /tmp/attn_jax_runs.XXXX)
+echo "outputs in $OUT, workdirs in $runs"
 if ! python3 -c "import tensorflow_datasets, ml_collections" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
+    --target "$runs/site" .whl/*.whl || exit 1
+  export PYTHONPATH=$runs/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 { nvidia-smi -L; python3 -c "import jax; print(jax.__version__, jax.devices())"; } \
@@ -40,8 +47,7 @@ fi
 
 train() {  # name experiment [overrides...]: one full run, its outputs copied to $OUT/name
   local name=$1 experiment=$2; shift 2
-  local dir=/tmp/runs/$name start=$SECONDS
-  rm -rf "$dir"
+  local dir=$runs/$name start=$SECONDS
   timeout "$limit" python3 launch.py --config="$experiment" --workdir="$dir" \
     --config.num_epochs=$epochs "${data[@]}" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: exit $? after $((SECONDS - start)) s from launch" | tee -a "$OUT/summary.txt"
@@ -52,10 +58,10 @@ train() {  # name experiment [overrides...]: one full run, its outputs copied to
 
 bench() {  # name experiment [overrides...]: --mode=benchmark, benchmark.json to $OUT/name
   local name=$1 experiment=$2; shift 2
-  timeout 120 python3 launch.py --config="$experiment" --mode=benchmark --workdir=/tmp/bench/$name \
+  timeout 120 python3 launch.py --config="$experiment" --mode=benchmark --workdir="$runs/bench_$name" \
     "${data[@]}" "${quick_bench[@]}" "$@" > "$OUT/bench_$name.log" 2>&1
   echo "bench $name: exit $?" | tee -a "$OUT/summary.txt"
-  mkdir -p "$OUT/bench_$name" && cp /tmp/bench/$name/benchmark.json "$OUT/bench_$name/" 2>/dev/null
+  mkdir -p "$OUT/bench_$name" && cp "$runs/bench_$name/benchmark.json" "$OUT/bench_$name/" 2>/dev/null
   grep -E "^(train|eval) step" "$OUT/bench_$name.log"
 }
 
