@@ -7,6 +7,7 @@ The fast attentions compute a few examples at a time; the tests force that split
 """
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -79,6 +80,41 @@ def test_chunked_dot_product_attention(in_chunks):
     x = jax.random.normal(jax.random.key(0), (2 * jax.device_count(), 6, 8))
     assert_same_function(layer(attention_fn=nn.dot_product_attention),
                          layer(attention_fn=fast.chunked_dot_product_attention), x)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3])  # 1e3: exp would overflow without the log-sum-exp
+def test_softmax_equals_jax_softmax_in_chunks(in_chunks, scale):
+    """`fast.attention.softmax` (in `map_in_chunks`, as the attentions use it): jax.nn.softmax's
+    values and gradients, over either axis, and finite for large logits."""
+    logits = scale * jax.random.normal(jax.random.key(0), (2 * jax.device_count(), 5, 7))
+    weights = jax.random.normal(jax.random.key(1), logits.shape)
+    for axis in (1, -1):
+        def loss(softmax, logits, axis=axis):
+            chunked = chunking.map_in_chunks(lambda x: softmax(x, axis=axis), 2, logits)
+            return jnp.sum(weights * chunked)
+
+        got = jax.value_and_grad(functools.partial(loss, fast_attention.softmax))(logits)
+        expected = jax.value_and_grad(functools.partial(loss, jax.nn.softmax))(logits)
+        assert np.all(np.isfinite(got[1]))
+        jax.tree.map(close, got, expected)
+
+
+def test_chunked_backward_keeps_only_the_log_sum_exp(in_chunks, capsys):
+    """What the chunked attention keeps for its backward pass: its inputs and the softmax's
+    log-sum-exp per query ([.., N, 1]), never the [.., N, N] weights."""
+    batch, tokens, heads, dim = 2 * jax.device_count(), 6, 2, 4
+    q = jax.random.normal(jax.random.key(0), (batch, tokens, heads, dim))
+
+    def loss(q):
+        return jnp.sum(fast.chunked_dot_product_attention(q, q, q, deterministic=True))
+
+    jax.ad_checkpoint.print_saved_residuals(loss, q)  # lines like "f32[8,1,2,6,1] output of ..."
+    shapes = [tuple(int(n) for n in dims.split(",")) for dims in
+              re.findall(r"^\w+\[([\d,]+)\]", capsys.readouterr().out, re.MULTILINE)]
+    assert len(shapes) == 4  # q, k, v and the log-sum-exp
+    statistics = [s for s in shapes if s[-1] == 1]
+    assert statistics and all(s[-2:] == (tokens, 1) for s in statistics)
+    assert not any(s[-2:] == (tokens, tokens) for s in shapes)
 
 
 def test_chunked_attention_refuses_a_broadcast_dropout_mask():

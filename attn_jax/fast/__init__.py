@@ -8,6 +8,7 @@ only the order and the grouping of the arithmetic differ:
   Dense layers where that saves multiply-adds, and the attention computed a few examples at a time.
 - `chunked_dot_product_attention` (for `nn.dot_product_attention`, the ViT baseline's
   `attention_fn`): the [heads, N, N] weights computed a few examples at a time, in cache.
+  Both attentions' softmax (`attention.softmax`) keeps its log-sum-exp for the backward pass.
 - `Conv` (for `nn.Conv`): the kernel gradient as matrix multiplies.
 - `threefry.use_unrolled_threefry_on_cpu`: JAX's random-bit hash without its rolled loop on CPU,
   installed by `launch.py`, not on import.
