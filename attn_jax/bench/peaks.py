@@ -14,6 +14,8 @@ import jax.numpy as jnp
 PEAK_FLOPS: dict[str, dict[str, float]] = {
     "NVIDIA H100 PCIe": {"bfloat16": 756e12, "float32": 378e12},
     "NVIDIA H100": {"bfloat16": 989e12, "float32": 495e12},  # SXM
+    "NVIDIA H200 NVL": {"bfloat16": 835e12, "float32": 418e12},  # the PCIe card
+    "NVIDIA H200": {"bfloat16": 989e12, "float32": 495e12},  # SXM: the H100's compute, more memory
     "NVIDIA A100": {"bfloat16": 312e12, "float32": 156e12},
     "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
     "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},  # v5e
