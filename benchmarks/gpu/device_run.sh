@@ -39,12 +39,12 @@ cat "$OUT/machine.txt"
 
 data=(--config.dataset.data_dir=.gpu_data/tfds_array_record --config.dataset.download=False
       "--config.dataset.test_split=train[40000:]")
-epochs=50 limit=${LIMIT_S:-240} deadline=${DEADLINE_S:-560} quick_bench=()
+epochs=50 limit=${LIMIT_S:-240} bench_limit=90 deadline=${DEADLINE_S:-560} quick_bench=()
 if [ "${QUICK:-0}" = 1 ]; then
   quick_bench=(--config.benchmark.steps=1 --config.benchmark.repeats=1)
   data+=("--config.dataset.train_split=train[:512]" "--config.dataset.val_split=train[40000:40256]"
          "--config.dataset.test_split=train[40000:40256]")
-  epochs=1 limit=300 deadline=${DEADLINE_S:-1200}
+  epochs=1 limit=300 bench_limit=150 deadline=${DEADLINE_S:-1200}  # CPU: slower benchmarks
 fi
 
 budget() {  # name seconds: prints the stage's time limit (seconds, capped by the deadline), or
@@ -71,7 +71,7 @@ train() {  # name experiment [overrides...]: one full run, its outputs copied to
 
 bench() {  # name experiment [overrides...]: --mode=benchmark, benchmark.json to $OUT/name
   local name=$1 experiment=$2 seconds; shift 2
-  seconds=$(budget "bench $name" 90) || return 0
+  seconds=$(budget "bench $name" "$bench_limit") || return 0
   timeout "$seconds" python3 launch.py --config="$experiment" --mode=benchmark --workdir="$runs/bench_$name" \
     "${data[@]}" "${quick_bench[@]}" "$@" > "$OUT/bench_$name.log" 2>&1
   echo "bench $name: exit $?" | tee -a "$OUT/summary.txt"
