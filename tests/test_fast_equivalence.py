@@ -82,21 +82,31 @@ def test_chunked_dot_product_attention(in_chunks):
                          layer(attention_fn=fast.chunked_dot_product_attention), x)
 
 
-@pytest.mark.parametrize("scale", [1.0, 1e3])  # 1e3: exp would overflow without the log-sum-exp
-def test_softmax_equals_jax_softmax_in_chunks(in_chunks, scale):
+@pytest.mark.parametrize("chunks", [1, 2])  # 1: no checkpoint; 2: the backward recomputes
+@pytest.mark.parametrize("scale", [1.0, 30.0])  # 30: exp(logits) would overflow float32
+def test_softmax_equals_jax_softmax(chunks, scale):
     """`fast.attention.softmax` (in `map_in_chunks`, as the attentions use it): jax.nn.softmax's
     values and gradients, over either axis, and finite for large logits."""
     logits = scale * jax.random.normal(jax.random.key(0), (2 * jax.device_count(), 5, 7))
     weights = jax.random.normal(jax.random.key(1), logits.shape)
     for axis in (1, -1):
         def loss(softmax, logits, axis=axis):
-            chunked = chunking.map_in_chunks(lambda x: softmax(x, axis=axis), 2, logits)
+            chunked = chunking.map_in_chunks(lambda x: softmax(x, axis=axis), chunks, logits)
             return jnp.sum(weights * chunked)
 
         got = jax.value_and_grad(functools.partial(loss, fast_attention.softmax))(logits)
         expected = jax.value_and_grad(functools.partial(loss, jax.nn.softmax))(logits)
-        assert np.all(np.isfinite(got[1]))
+        assert np.all(np.isfinite(got[1])) and np.abs(expected[1]).max() > 1e-2  # not all ~0
         jax.tree.map(close, got, expected)
+
+
+def test_softmax_of_bfloat16_is_computed_in_float32():
+    """bfloat16 logits: the weights (returned in bfloat16) are float32's, rounded once."""
+    logits = (40 + 3 * jax.random.normal(jax.random.key(0), (4, 64))).astype(jnp.bfloat16)
+    got = fast_attention.softmax(logits, axis=-1)
+    assert got.dtype == jnp.bfloat16
+    expected = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    np.testing.assert_allclose(got.astype(jnp.float32), expected, rtol=1e-2, atol=1e-6)
 
 
 def test_chunked_backward_keeps_only_the_log_sum_exp(in_chunks, capsys):

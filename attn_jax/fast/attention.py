@@ -52,11 +52,16 @@ _softmax_given.defvjp(_softmax_given_forward, _softmax_given_backward)
 
 def softmax(logits: jax.Array, axis: int) -> jax.Array:
     """`jax.nn.softmax(logits, axis)`, whose backward pass in `map_in_chunks` recomputes the weights
-    in one pass from the forward's log-sum-exp (kept, `keep_for_backward`: 1/N of the weights'
-    size) instead of repeating the max and the sum over the [.., N, N] scores (as FlashAttention's
-    backward does). Same shape."""
-    log_sum_exp = keep_for_backward(jax.nn.logsumexp(logits, axis=axis, keepdims=True))
-    return _softmax_given(logits, log_sum_exp, axis)
+    in one pass from the forward's log-sum-exp, as FlashAttention's backward does, instead of
+    repeating the max and the sum over the [.., N, N] scores: the log-sum-exp (1/N of the weights'
+    size) is kept (`keep_for_backward`). Computed in float32, returned in the logits' dtype. Same
+    shape."""
+    dtype = logits.dtype
+    logits = logits.astype(jnp.float32)
+    log_sum_exp = jax.nn.logsumexp(logits, axis=axis, keepdims=True)
+    # A constant to the gradient: its dependence on the logits is in `_softmax_given_backward`.
+    log_sum_exp = keep_for_backward(jax.lax.stop_gradient(log_sum_exp))
+    return _softmax_given(logits, log_sum_exp, axis).astype(dtype)
 
 
 def double_normalize(logits: jax.Array, token_axis: int) -> jax.Array:

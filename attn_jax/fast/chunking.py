@@ -5,11 +5,11 @@ block at the tutorial's batch. XLA:CPU computes the scores, the softmax's max, s
 dropout and the weighted sum as separate passes over that tensor, each from main memory; in the
 backward pass again. EANet's softmax over the tokens of [B, N, heads, S] weights is strided the same
 way. `map_in_chunks` applies a layer to one chunk of examples at a time (`lax.map`) and recomputes
-each chunk's intermediates in the backward pass (`jax.checkpoint`), so that every pass reads data
-that is still in cache. On the project's 2-core machine, timed alternately in one process, the ViT's
-self-attention layer (forward and backward, batch 128) took 659 ms in chunks against 900 ms whole,
-and the train steps ran 1.07-1.13x (ViT) and 1.25x (EANet) as fast
-(`benchmarks/compare_chunking.py`).
+each chunk's intermediates in the backward pass (`jax.checkpoint`; only the softmax's log-sum-exp
+is kept, `keep_for_backward`), so that every pass reads data that is still in cache. On the
+project's 2-core machine, timed alternately in one process, the ViT's self-attention layer (forward
+and backward, batch 128) took 659 ms in chunks against 900 ms whole, and the train steps ran
+1.07-1.13x (ViT) and 1.25x (EANet) as fast (`benchmarks/compare_chunking.py`).
 
 The result is the same function: each example's attention is computed alone in both forms, and the
 dropout mask is drawn for the whole batch before it is split, so it does not depend on the chunking.
@@ -80,7 +80,7 @@ def map_in_chunks(fn: Callable[..., jax.Array], chunks: int, *args: jax.Array | 
 
 
 def keep_for_backward(statistic: jax.Array) -> jax.Array:
-    """A constant (no gradient flows through it) that `map_in_chunks` keeps for the backward pass
-    instead of recomputing it: for a softmax's log-sum-exp, 1/N the size of its weights, whose max
-    and sum passes then need not be repeated. Same value and shape."""
-    return checkpoint_name(jax.lax.stop_gradient(statistic), STATISTICS)
+    """`statistic`, marked for `map_in_chunks` to keep for the backward pass instead of recomputing
+    it: for a softmax's log-sum-exp, 1/N the size of its weights, whose max and sum passes then
+    need not be repeated. Same value and shape; gradients pass unchanged."""
+    return checkpoint_name(statistic, STATISTICS)
