@@ -80,7 +80,9 @@ def test_table_peak_knows_accelerators_by_device_kind():
         device_kind = "NVIDIA H100 80GB HBM3"
 
     assert peaks.table_peak(Device(), "bfloat16") == 989e12
-    Device.device_kind = "NVIDIA H200 NVL"  # the more specific entry wins over "NVIDIA H200"
+    Device.device_kind = "NVIDIA H100 NVL"  # the more specific entry wins over "NVIDIA H100"
+    assert peaks.table_peak(Device(), "bfloat16") == 835e12
+    Device.device_kind = "NVIDIA H200 NVL"
     assert peaks.table_peak(Device(), "bfloat16") == 835e12
     Device.device_kind = "NVIDIA H200"
     assert peaks.table_peak(Device(), "float32") == 495e12

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 # matmuls run as bfloat16 passes at the default precision, so both dtypes share the bfloat16 peak.
 PEAK_FLOPS: dict[str, dict[str, float]] = {
     "NVIDIA H100 PCIe": {"bfloat16": 756e12, "float32": 378e12},
+    "NVIDIA H100 NVL": {"bfloat16": 835e12, "float32": 418e12},
     "NVIDIA H100": {"bfloat16": 989e12, "float32": 495e12},  # SXM
     "NVIDIA H200 NVL": {"bfloat16": 835e12, "float32": 418e12},  # the PCIe card
     "NVIDIA H200": {"bfloat16": 989e12, "float32": 495e12},  # SXM: the H100's compute, more memory
