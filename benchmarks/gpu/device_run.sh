@@ -7,8 +7,8 @@
 #     QUICK=1 bash benchmarks/gpu/device_run.sh    # a rehearsal on CPU: tiny splits, 1 epoch
 #
 # In order, each stage under its own time limit so that a slow one cannot eat the next, and all of
-# them within DEADLINE_S seconds (default 560: the device tool stops a command at 600 s), a stage
-# with under 30 s left skipped and said so in $OUT/summary.txt:
+# them within DEADLINE_S seconds (default 560: the device tool stops a command at 600 s; a 10 s margin
+# is kept), a stage that would get under 30 s skipped and said so in $OUT/summary.txt:
 #   1. the tutorial PatchConvNet, 50 epochs, bfloat16, the experiment's defaults, CIFAR-10 from the
 #      ArrayRecord copy (validation and test train[40000:]: there is no test split here);
 #   2. --mode=benchmark for the three tutorial models (bfloat16, steps_per_call 1 and 16; float32
@@ -39,19 +39,19 @@ cat "$OUT/machine.txt"
 
 data=(--config.dataset.data_dir=.gpu_data/tfds_array_record --config.dataset.download=False
       "--config.dataset.test_split=train[40000:]")
-epochs=50 limit=${LIMIT_S:-240} bench_limit=90 deadline=${DEADLINE_S:-560} quick_bench=()
+epochs=50 limit=${LIMIT_S:-240} bench_limit=${BENCH_LIMIT_S:-90} deadline=${DEADLINE_S:-560} quick_bench=()
 if [ "${QUICK:-0}" = 1 ]; then
   quick_bench=(--config.benchmark.steps=1 --config.benchmark.repeats=1)
   data+=("--config.dataset.train_split=train[:512]" "--config.dataset.val_split=train[40000:40256]"
          "--config.dataset.test_split=train[40000:40256]")
-  epochs=1 limit=300 bench_limit=150 deadline=${DEADLINE_S:-1200}  # CPU: slower benchmarks
+  epochs=1 limit=${LIMIT_S:-300} bench_limit=${BENCH_LIMIT_S:-150} deadline=${DEADLINE_S:-1200}
 fi
 
-budget() {  # name seconds: prints the stage's time limit (seconds, capped by the deadline), or
-            # notes the stage as skipped in summary.txt and fails when under 30 s are left
+budget() {  # name seconds: prints the stage's time limit (seconds, capped by the deadline less a
+            # 10 s margin), or notes the stage as skipped in summary.txt and fails if under 30 s
   local left=$((deadline - SECONDS - 10))
   if [ "$left" -lt 30 ]; then
-    echo "$1: skipped, ${left} s left before the ${deadline} s deadline" | tee -a "$OUT/summary.txt" >&2
+    echo "$1: skipped, ${left} s (under 30) left before the ${deadline} s deadline and its margin" | tee -a "$OUT/summary.txt" >&2
     return 1
   fi
   echo $(($2 < left ? $2 : left))
@@ -61,7 +61,7 @@ train() {  # name experiment [overrides...]: one full run, its outputs copied to
   local name=$1 experiment=$2; shift 2
   local dir=$runs/$name start=$SECONDS seconds
   seconds=$(budget "$name" "$limit") || return 0
-  timeout "$seconds" python3 launch.py --config="$experiment" --workdir="$dir" \
+  timeout -k 10 "$seconds" python3 launch.py --config="$experiment" --workdir="$dir" \
     --config.num_epochs=$epochs "${data[@]}" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: exit $? after $((SECONDS - start)) s from launch (limit $seconds s)" | tee -a "$OUT/summary.txt"
   mkdir -p "$OUT/$name"
@@ -72,7 +72,7 @@ train() {  # name experiment [overrides...]: one full run, its outputs copied to
 bench() {  # name experiment [overrides...]: --mode=benchmark, benchmark.json to $OUT/name
   local name=$1 experiment=$2 seconds; shift 2
   seconds=$(budget "bench $name" "$bench_limit") || return 0
-  timeout "$seconds" python3 launch.py --config="$experiment" --mode=benchmark --workdir="$runs/bench_$name" \
+  timeout -k 10 "$seconds" python3 launch.py --config="$experiment" --mode=benchmark --workdir="$runs/bench_$name" \
     "${data[@]}" "${quick_bench[@]}" "$@" > "$OUT/bench_$name.log" 2>&1
   echo "bench $name: exit $?" | tee -a "$OUT/summary.txt"
   mkdir -p "$OUT/bench_$name" && cp "$runs/bench_$name/benchmark.json" "$OUT/bench_$name/" 2>/dev/null
