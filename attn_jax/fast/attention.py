@@ -187,10 +187,8 @@ def chunked_dot_product_attention(query, key, value, *, dropout_rng=None, dropou
         q, k, v = (t.astype(dtype).swapaxes(1, 2) for t in (q, k, v))  # [b, h, N, d]
         q = q / jnp.sqrt(q.shape[-1]).astype(dtype)
         scores = q @ k.swapaxes(-1, -2)  # [b, h, N, N]
-        if force_fp32_for_softmax:
-            weights = softmax(scores.astype(jnp.float32), axis=-1)
-        else:
-            weights = softmax(scores, axis=-1).astype(dtype)
+        # `softmax` computes in float32 and returns its input's dtype: float32 if forced, else dtype
+        weights = softmax(scores.astype(jnp.float32) if force_fp32_for_softmax else scores, axis=-1)
         if keep is not None:
             multiplier = keep.astype(dtype) / jnp.asarray(1.0 - dropout_rate, dtype)
             weights = weights * multiplier
