@@ -239,10 +239,12 @@ def main(argv: list[str]) -> None:
         use_unrolled_threefry_on_cpu()  # dropout masks at GPU speed on CPU: the same bits, faster
         # the modes that train; a sweep's parent only starts its points, each its own launch
         if (_MODE.value in ("train", "benchmark") and not _SWEEP.value) or _POINT.value is not None:
+            from attn_jax import host_memory
             from attn_jax.cpu_devices import split_host
 
             single = not _DISTRIBUTED.value and (_NUM_PROCESSES.value or 1) == 1
             split_host(config, single_process=single)  # before anything starts JAX's devices
+            host_memory.configure(config)  # before JAX starts its threads
 
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                _DISTRIBUTED.value)

@@ -27,7 +27,7 @@ MAY_CHANGE = ("log_every_steps", "steps_per_call", "unroll_steps", "eval_batch_s
               "attention_every_epochs", "attention_images", "checkpoint.every_steps",
               "checkpoint.keep", "dataset.data_dir", "dataset.download", "dataset.read_workers",
               "dataset.prefetch", "dataset.resident_limit_mib", "model.impl", "cpu_devices",
-              "benchmark.")
+              "host_memory", "benchmark.")
 # Fields added after runs had been recorded, with the value every earlier run computed with: a record
 # without the entry is read with it (no warm start, AdamW, no clipping, no accumulation, no EMA).
 ADDED_FIELDS = {"init_from": None, "accumulate_steps": 1, "optimizer.name": "adamw",

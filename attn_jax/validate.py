@@ -90,6 +90,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "init_from": optional(text()),  # a workdir or checkpoint to start from (fine-tuning)
     "dtype": one_of("float32", "bfloat16", "auto"),
     "cpu_devices": auto_or_count(),
+    "host_memory": one_of("auto", "keep", "system"),
     "batch_size": integer(1),
     "accumulate_steps": integer(1),  # micro-batches per optimizer update; 1: off
     "eval_batch_size": integer(1),

@@ -67,6 +67,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # CPU hosts: JAX devices to split the cores into (data parallelism inside the host), "auto"
     # (2 where there are 2+ cores) or a count such as "4" (attn_jax/cpu_devices.py)
     config.cpu_devices = "auto"
+    # CPU runs: keep the memory XLA frees after each step for the next one instead of returning it
+    # to the kernel, "auto" (on glibc where JAX computes on the CPU), "keep" or "system"
+    # (attn_jax/host_memory.py)
+    config.host_memory = "auto"
     config.batch_size = 128  # global, over all devices: the examples per optimizer update
     # Gradient accumulation: k > 1 computes each update's gradient in k micro-batches of
     # batch_size / k (a k-th of the activation memory), the same update; 1: off.

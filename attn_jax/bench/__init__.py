@@ -39,7 +39,8 @@ Measured, in this order, in one process:
 
 Parts 3 and 4 need the dataset prepared in config.dataset.data_dir: the benchmark never downloads,
 and skips them (saying why) otherwise. Nothing writes unless `workdir` is given; then
-`DIR/benchmark.json` holds everything printed, with the machine (`host.py`) and the number of
+`DIR/benchmark.json` holds everything printed, with the machine (`host.py`), what
+`host_memory.configure` set ("keep", "system"; null where launch.py did not run it) and the number of
 compilations of each step (`compilations.py`). Knobs: `config.benchmark.*` (`benchmark_settings()`).
 """
 
@@ -52,7 +53,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from attn_jax import atomic, data, models, train
+from attn_jax import atomic, data, host_memory, models, train
 from attn_jax.bench import feeds, flops, host, peaks, profile, steps
 from attn_jax.bench.compilations import count_compilations
 from attn_jax.errors import UserError
@@ -102,6 +103,7 @@ def _describe(config: ml_collections.ConfigDict, mesh, say: Say) -> dict:
               "num_devices": mesh.devices.size, "dtype": models.compute_dtype(config.dtype).name,
               "batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size,
               "jax": jax.__version__, "host": host.host_description(),
+              "host_memory": host_memory.APPLIED,
               "load_average_start": host.load_average(),
               "compilation_cache": jax.config.jax_compilation_cache_dir or None}
     say(f"benchmark: {config.model.name}, {report['dtype']}, batch {config.batch_size} on "

@@ -1,0 +1,111 @@
+"""config.host_memory: launch.py keeps the memory XLA:CPU frees after each step for the next one."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attn_jax import host_memory, run_record, train, validate
+from attn_jax.errors import UserError
+from attn_jax.experiment import load_module
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("setting, accelerator, glibc, expected", [
+    ("auto", False, True, True),  # a CPU run on glibc
+    ("auto", True, True, False),  # a GPU or TPU host: its buffers live on the accelerator
+    ("auto", False, False, False),  # another C library: mallopt's parameters differ
+    ("keep", True, True, True),  # asked for
+    ("system", False, True, False),
+])
+def test_auto_keeps_freed_memory_for_cpu_runs_on_glibc(setting, accelerator, glibc, expected):
+    assert host_memory.resolve(setting, accelerator, glibc) is expected
+
+
+@pytest.mark.parametrize("platforms, expected", [("cpu", False), ("cuda", True),
+                                                 ("cuda,cpu", True), ("tpu", True)])
+def test_jax_platforms_decides_where_jax_computes(monkeypatch, platforms, expected):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert host_memory.accelerator_installed() is expected
+
+
+def test_an_installed_gpu_plugin_counts_as_an_accelerator(monkeypatch):
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(host_memory, "_namespace_plugins", lambda: ["xla_cuda12"])
+    assert host_memory.accelerator_installed()
+    monkeypatch.setattr(host_memory, "_namespace_plugins", lambda: [])
+    monkeypatch.setattr(host_memory, "_ACCELERATOR_MODULES", ("a_module_that_is_not_there",))
+    assert not host_memory.accelerator_installed()  # this test's own CPU-only environment
+
+
+@pytest.mark.parametrize("value", ["on", "", "Keep"])
+def test_a_bad_setting_is_refused_naming_the_field(value):
+    config = load_module(ROOT / "experiments" / "eanet.py").get_config("smoke")
+    with config.unlocked():
+        config.host_memory = value
+    with pytest.raises(UserError, match="config.host_memory"):
+        validate.check(config)
+
+
+def test_keep_is_refused_without_glibc(monkeypatch):
+    config = load_module(ROOT / "experiments" / "eanet.py").get_config("smoke")
+    with config.unlocked():
+        config.host_memory = "keep"
+    monkeypatch.setattr(host_memory, "glibc", lambda: False)
+    monkeypatch.setattr(host_memory.xla_bridge, "backends_are_initialized", lambda: False)
+    with pytest.raises(UserError, match="config.host_memory='keep' needs glibc"):
+        host_memory.configure(config)
+
+
+_STEPS = """
+import resource, sys
+import jax, jax.numpy as jnp
+from attn_jax import host_memory
+from attn_jax.experiment import load_module
+config = load_module('experiments/eanet.py').get_config('smoke')
+with config.unlocked():
+    config.host_memory = sys.argv[1]
+applied = host_memory.configure(config)
+x = jnp.ones((16, 1024, 1024))
+step = jax.jit(lambda x: jnp.cumsum(jnp.tanh(x), axis=0)[::2].sum((0, 1)))  # 128 MiB temporary
+faults = []
+for _ in range(6):  # the heap grows while a step's temporary is still held as the next one starts
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step(x).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, min(faults[1:]))
+"""
+
+
+def _fewest_faults_per_step(setting: str) -> tuple[str, int]:
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    out = subprocess.run([sys.executable, "-c", _STEPS, setting], cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True).stdout.split()
+    return out[0], int(out[1])
+
+
+@pytest.mark.skipif(not host_memory.glibc(), reason="mallopt's settings are glibc's")
+def test_kept_memory_is_reused_by_the_next_step_without_page_faults():
+    """What the setting is for: a step's large temporary comes back without faulting its pages in
+    again (32,768 4-KiB pages in every step where glibc maps it on its own)."""
+    applied, faults = _fewest_faults_per_step("keep")
+    assert applied == "keep" and faults < 1_000
+    applied, faults = _fewest_faults_per_step("system")
+    assert applied == "system" and faults > 16_000
+
+
+def test_a_run_recorded_before_the_field_existed_resumes(tmp_path):
+    """host_memory changes how fast a run goes, not what it computes: a relaunch may change it."""
+    config = load_module(ROOT / "experiments" / "eanet.py").get_config("smoke")
+    mesh = train.create_mesh()
+    run_record.check_and_record(tmp_path, config, mesh, resuming=False)
+    record = json.loads((tmp_path / run_record.RECORD).read_text())
+    del record["config"]["host_memory"]
+    (tmp_path / run_record.RECORD).write_text(json.dumps(record))
+    with config.unlocked():
+        config.host_memory = "system"
+    run_record.check_and_record(tmp_path, config, mesh, resuming=True)  # no error
