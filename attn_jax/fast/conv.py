@@ -12,13 +12,15 @@ forward pass. `conv_general_dilated` here computes the same function with a cust
   that tap sees, flattened to [B * Ho * Wo, C], transposed times the output gradient [B * Ho * Wo, O]:
   kh * kw matmuls with a long contraction, which XLA:CPU runs at matmul speed.
 
+A float32 3x3 convolution of stride 1 with SAME padding (the tutorial trunk's) goes instead to
+`winograd.conv3x3`, which computes it, and through autodiff both its gradients, in 4x fewer FLOPs.
 Only the plain case is rerouted (NHWC inputs, HWIO kernel, no dilation, one feature group); any
 other call (the paper's depthwise convs among them) goes to `lax.conv_general_dilated` unchanged.
 `config.model.impl` "auto" uses it on CPU only (`models.layers_for`): GPUs and TPUs have fast kernel
 gradients of their own. The
 parameters, their names and their shapes are `nn.Conv`'s (`Conv` is `nn.Conv` with this function),
 so checkpoints and parameter counts do not change; the result equals `lax`'s up to float summation
-order (a test checks values and gradients).
+order, or Winograd's rounding (about 3e-6 relative; tests check values and gradients).
 """
 
 import functools
@@ -28,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from attn_jax.fast import winograd
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                  out_spec=(0, 3, 1, 2))
@@ -106,7 +110,16 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             precision=precision, preferred_element_type=preferred_element_type)
     strides = tuple(int(s) for s in window_strides)
     pads = _explicit_padding(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    if _winograd_applies(lhs, rhs, strides, pads):
+        return winograd.conv3x3(lhs, rhs)
     return conv2d(lhs, rhs, strides, pads)
+
+
+def _winograd_applies(x, kernel, strides, padding) -> bool:
+    """A float32 SAME 3x3 convolution of stride 1: Winograd's F(4x4, 3x3) does it in 4x fewer
+    FLOPs (`winograd.py`); 2.1-2.2x as fast with both gradients on the tutorial trunk's shape."""
+    return (kernel.shape[:2] == (3, 3) and strides == (1, 1) and padding == ((1, 1), (1, 1))
+            and x.dtype == jnp.float32 and kernel.dtype == jnp.float32)
 
 
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)  # nn.Conv, same params

@@ -1,0 +1,100 @@
+"""A 3x3, stride-1 convolution in Winograd's minimal filtering F(4x4, 3x3): `conv3x3`.
+
+Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks" (2016). Each 4x4 tile of the
+output is computed from the 6x6 tile of the input around it: the input tile and the 3x3 kernel are
+each taken to a 6x6 "Winograd domain" by fixed matrices (`BT`, `G`), multiplied there position by
+position and summed over input channels (36 matrix multiplies of [tiles, C] x [C, O]), and brought
+back by a third (`AT`). That is 36 multiplies per 16 outputs against the direct convolution's
+9 x 16: 4x fewer FLOPs. The transforms are linear, so JAX differentiates through them and both
+gradients are Winograd-domain matrix multiplies of the same size, 4x fewer FLOPs too.
+
+It computes the same function as `lax.conv_general_dilated` with SAME padding; only float rounding
+differs, and more than the direct convolution's: the transforms' constants (up to 5 and 1/24) scale
+intermediate values, giving relative errors of about 3e-6 in float32 (1e-7 direct; cuDNN uses the
+same transform in float32). It is for float32: in bfloat16 the error would be far above bfloat16's
+own rounding, so `Conv` keeps the direct convolution for other dtypes.
+
+Why here: on the project's 2-core AVX-512 CPU the tutorial PatchConvNet's trunk conv (batch 128,
+12x12, 256 -> 256, applied twice per step) takes the largest share of the train step, and XLA:CPU's
+direct convolution already runs near the float32 matmul peak, so fewer FLOPs are the way past it
+(docs/performance.md, 2026-12-02, fourth session).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+TILE = 4  # output tile: F(4x4, 3x3)
+# Lavin and Gray's F(4, 3) matrices (interpolation points 0, 1, -1, 2, -2 and infinity)
+BT = np.array([[4, 0, -5, 0, 1, 0],
+               [0, -4, -4, 1, 1, 0],
+               [0, 4, -4, -1, 1, 0],
+               [0, -2, -1, 2, 1, 0],
+               [0, 2, -1, -2, 1, 0],
+               [0, 4, 0, -5, 0, 1]], np.float32)  # input tile [6] -> Winograd domain [6]
+G = np.array([[1 / 4, 0, 0],
+              [-1 / 6, -1 / 6, -1 / 6],
+              [-1 / 6, 1 / 6, -1 / 6],
+              [1 / 24, 1 / 12, 1 / 6],
+              [1 / 24, -1 / 12, 1 / 6],
+              [0, 0, 1]], np.float32)  # kernel [3] -> Winograd domain [6]
+AT = np.array([[1, 1, 1, 1, 1, 0],
+               [0, 1, -1, 2, -2, 0],
+               [0, 1, 1, 4, 4, 0],
+               [0, 1, -1, 8, -8, 1]], np.float32)  # Winograd domain [6] -> output tile [4]
+SPAN = BT.shape[0]  # input tile: 6 = TILE + 3 - 1
+
+
+def _combine(matrix: np.ndarray, x: jax.Array, axis: int) -> jax.Array:
+    """`matrix` applied along `axis` (of size matrix.shape[1]) as sums of scaled slices, which XLA
+    fuses into one loop, where a matmul with a 6-long contraction would run far below peak."""
+    parts = [lax.index_in_dim(x, i, axis, keepdims=False) for i in range(x.shape[axis])]
+    rows = []
+    for coefficients in matrix:
+        terms = [float(c) * parts[i] if c not in (1, -1) else (parts[i] if c == 1 else -parts[i])
+                 for i, c in enumerate(coefficients) if c != 0]
+        rows.append(sum(terms[1:], terms[0]))
+    return jnp.stack(rows, axis=axis)
+
+
+def _tiles(x: jax.Array, axis: int, count: int) -> jax.Array:
+    """`count` overlapping windows of SPAN along `axis`, TILE apart: the axis becomes [count, SPAN]."""
+    starts = np.arange(count)[:, None] * TILE + np.arange(SPAN)[None, :]
+    return jnp.take(x, starts, axis=axis)
+
+
+def transform_kernel(kernel: jax.Array) -> jax.Array:
+    """[3, 3, C, O] -> [36, C, O]: G k G^T for every channel pair."""
+    u = jnp.einsum("ip,pqco,jq->ijco", G, kernel, G, precision=lax.Precision.HIGHEST)
+    return u.reshape(SPAN * SPAN, *kernel.shape[2:])
+
+
+def transform_input(x: jax.Array) -> tuple[jax.Array, int, int]:
+    """[B, H, W, C] -> ([36, B * th * tw, C], th, tw): B^T d B for every 6x6 tile d of the input,
+    zero-padded by one on each side (SAME) and up to whole output tiles; th x tw tiles."""
+    _, height, width, _ = x.shape
+    th, tw = -(-height // TILE), -(-width // TILE)
+    x = jnp.pad(x, ((0, 0), (1, 1 + th * TILE - height), (1, 1 + tw * TILE - width), (0, 0)))
+    d = _tiles(_tiles(x, 1, th), 3, tw)  # [B, th, 6, tw, 6, C]
+    d = jnp.transpose(d, (2, 4, 0, 1, 3, 5))  # [6, 6, B, th, tw, C]
+    v = _combine(BT, _combine(BT, d, 0), 1)
+    return v.reshape(SPAN * SPAN, -1, x.shape[-1]), th, tw
+
+
+def transform_output(m: jax.Array, batch: int, th: int, tw: int, height: int,
+                     width: int) -> jax.Array:
+    """[36, B * th * tw, O] -> [B, H, W, O]: A^T m A for every tile, the tiles put side by side."""
+    m = m.reshape(SPAN, SPAN, batch, th, tw, m.shape[-1])
+    y = _combine(AT, _combine(AT, m, 0), 1)  # [4, 4, B, th, tw, O]
+    y = jnp.transpose(y, (2, 3, 0, 4, 1, 5)).reshape(batch, th * TILE, tw * TILE, -1)
+    return y[:, :height, :width]
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """SAME 3x3 convolution, stride 1, NHWC x HWIO: [B, H, W, C], [3, 3, C, O] -> [B, H, W, O]."""
+    batch, height, width, _ = x.shape
+    v, th, tw = transform_input(x)
+    u = transform_kernel(kernel.astype(x.dtype))
+    m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))  # [36, tiles, O]
+    return transform_output(m, batch, th, tw, height, width)
