@@ -4,7 +4,8 @@ XLA:CPU allocates a step's temporary buffers with `malloc` when the step starts 
 when it ends: 1,232 MiB for the tutorial PatchConvNet's train step at batch 128. glibc serves an
 allocation that large with `mmap` and returns it to the kernel with `munmap` when freed, so every
 step faults each of those pages back in, and the kernel zeroes each one: 385,000 page faults per
-PatchConvNet step, about a fifth of its time (docs/performance.md, 2026-12-02, fourth session).
+PatchConvNet step; without them its steps ran 1.16-1.42x as fast (docs/performance.md, 2026-12-02,
+fourth session).
 Three `mallopt` settings keep the memory in the process instead, so the next step reuses it:
 
 - `M_MMAP_MAX` 0: large allocations come from the heap, not from their own mappings;
@@ -53,25 +54,32 @@ def glibc() -> bool:
 
 
 def accelerator_installed() -> bool:
-    """Whether JAX will compute on an accelerator, judged without starting JAX's backends:
-    `JAX_PLATFORMS` (or `jax.config.jax_platforms`) naming one, else a GPU or TPU plugin installed."""
-    import jax
-
-    platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+    """Whether JAX will compute on an accelerator, judged without starting JAX's backends: the
+    platforms JAX was told to use naming one, else a GPU or TPU plugin installed."""
+    platforms = _requested_platforms()
     if platforms:
         return any(name.strip() not in ("", "cpu") for name in platforms.split(","))
-    if importlib.metadata.entry_points(group="jax_plugins") or _namespace_plugins():
-        return True
-    return any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_MODULES)
+    return bool(_installed_plugins())
 
 
-def _namespace_plugins() -> list[str]:
-    """The modules of JAX's `jax_plugins` namespace package (the CUDA and ROCm plugins live there)."""
+def _requested_platforms() -> str:
+    """`jax.config.jax_platforms` (JAX reads `JAX_PLATFORMS` into it on import), or the variable."""
+    import jax
+
+    return jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+
+
+def _installed_plugins() -> list[str]:
+    """JAX's accelerator plugins installed here: the modules of its `jax_plugins` namespace package
+    (the CUDA and ROCm plugins), its "jax_plugins" entry points, and libtpu."""
+    names = [entry.name for entry in importlib.metadata.entry_points(group="jax_plugins")]
     try:
         import jax_plugins
+
+        names += [module.name for module in pkgutil.iter_modules(jax_plugins.__path__)]
     except ImportError:
-        return []
-    return [module.name for module in pkgutil.iter_modules(jax_plugins.__path__)]
+        pass
+    return names + [name for name in _ACCELERATOR_MODULES if importlib.util.find_spec(name)]
 
 
 def resolve(setting: str, on_accelerator: bool, on_glibc: bool) -> bool:
@@ -102,5 +110,10 @@ def configure(config: ml_collections.ConfigDict) -> str | None:
         raise UserError(f"config.host_memory='keep' needs glibc's malloc; this C library is "
                         f"{platform.libc_ver()[0] or 'not glibc'}: set it to 'auto' or 'system'")
     keep = resolve(setting, accelerator_installed(), on_glibc)
-    APPLIED = "keep" if keep and keep_freed_memory() else "system"
+    if keep and not keep_freed_memory():
+        if setting == "keep":
+            raise UserError("config.host_memory='keep': glibc refused a mallopt setting; set it to "
+                            "'auto' or 'system'")
+        keep = False  # "auto": the allocator as it is
+    APPLIED = "keep" if keep else "system"
     return APPLIED

@@ -29,6 +29,8 @@ def test_only_float32_same_3x3_of_stride_1_goes_through_winograd():
     x = jnp.ones((1, 8, 8, 6))
     jaxpr = _jaxpr(Conv(6, (3, 3)), x)
     assert "conv_general_dilated" not in jaxpr and "custom_vjp" not in jaxpr  # Winograd's dots
+    explicit = _jaxpr(Conv(6, (3, 3), padding=((1, 1), [1, 1])), x)
+    assert "conv_general_dilated" not in explicit and "custom_vjp" not in explicit  # SAME spelled out
     for other in (Conv(6, (3, 3), strides=2), Conv(6, (3, 3), padding="VALID"),
                   Conv(6, (3, 3), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)):
         assert "custom_vjp" in _jaxpr(other, x.astype(other.dtype or jnp.float32))

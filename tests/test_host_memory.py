@@ -28,18 +28,31 @@ def test_auto_keeps_freed_memory_for_cpu_runs_on_glibc(setting, accelerator, gli
 
 @pytest.mark.parametrize("platforms, expected", [("cpu", False), ("cuda", True),
                                                  ("cuda,cpu", True), ("tpu", True)])
-def test_jax_platforms_decides_where_jax_computes(monkeypatch, platforms, expected):
-    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+def test_the_requested_platforms_decide_where_jax_computes(monkeypatch, platforms, expected):
+    monkeypatch.setattr(host_memory, "_requested_platforms", lambda: platforms)
+    monkeypatch.setattr(host_memory, "_installed_plugins", lambda: ["xla_cuda12"])
     assert host_memory.accelerator_installed() is expected
 
 
-def test_an_installed_gpu_plugin_counts_as_an_accelerator(monkeypatch):
-    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-    monkeypatch.setattr(host_memory, "_namespace_plugins", lambda: ["xla_cuda12"])
-    assert host_memory.accelerator_installed()
-    monkeypatch.setattr(host_memory, "_namespace_plugins", lambda: [])
-    monkeypatch.setattr(host_memory, "_ACCELERATOR_MODULES", ("a_module_that_is_not_there",))
-    assert not host_memory.accelerator_installed()  # this test's own CPU-only environment
+@pytest.mark.parametrize("plugins, expected", [(["xla_cuda12"], True), ([], False)])
+def test_without_a_request_an_installed_plugin_decides(monkeypatch, plugins, expected):
+    monkeypatch.setattr(host_memory, "_requested_platforms", lambda: "")
+    monkeypatch.setattr(host_memory, "_installed_plugins", lambda: plugins)
+    assert host_memory.accelerator_installed() is expected
+
+
+def test_keep_is_refused_where_glibc_refuses_a_setting(monkeypatch):
+    config = load_module(ROOT / "experiments" / "eanet.py").get_config("smoke")
+    with config.unlocked():
+        config.host_memory = "keep"
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: False)
+    monkeypatch.setattr(host_memory.xla_bridge, "backends_are_initialized", lambda: False)
+    with pytest.raises(UserError, match="glibc refused a mallopt setting"):
+        host_memory.configure(config)
+    with config.unlocked():
+        config.host_memory = "auto"
+    monkeypatch.setattr(host_memory, "accelerator_installed", lambda: False)
+    assert host_memory.configure(config) == "system"  # "auto" falls back to the allocator as it is
 
 
 @pytest.mark.parametrize("value", ["on", "", "Keep"])
@@ -83,7 +96,8 @@ print(applied, min(faults[1:]))
 
 
 def _fewest_faults_per_step(setting: str, steps: int) -> tuple[str, int]:
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    env = {k: v for k, v in os.environ.items()  # nothing else choosing the allocator's behaviour
+           if k not in ("GLIBC_TUNABLES", "LD_PRELOAD") and not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", _STEPS, setting, str(steps)], cwd=ROOT, env=env,
                          check=True, capture_output=True, text=True).stdout.split()
     return out[0], int(out[1])

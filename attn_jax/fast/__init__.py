@@ -9,7 +9,9 @@ only the order and the grouping of the arithmetic differ:
 - `chunked_dot_product_attention` (for `nn.dot_product_attention`, the ViT baseline's
   `attention_fn`): the [heads, N, N] weights computed a few examples at a time, in cache.
   Both attentions' softmax (`attention.softmax`) keeps its log-sum-exp for the backward pass.
-- `Conv` (for `nn.Conv`): the kernel gradient as matrix multiplies.
+- `Conv` (for `nn.Conv`): the kernel gradient as matrix multiplies, and a float32 SAME 3x3 of
+  stride 1 (the tutorial PatchConvNet's trunk) in Winograd's F(4x4, 3x3), 4x fewer multiplies
+  (`winograd.py`; its rounding differs more, about 3e-6 relative).
 - `threefry.use_unrolled_threefry_on_cpu`: JAX's random-bit hash without its rolled loop on CPU,
   installed by `launch.py`, not on import.
 

@@ -13,7 +13,8 @@ forward pass. `conv_general_dilated` here computes the same function with a cust
   kh * kw matmuls with a long contraction, which XLA:CPU runs at matmul speed.
 
 A float32 3x3 convolution of stride 1 with SAME padding (the tutorial trunk's) goes instead to
-`winograd.conv3x3`, which computes it, and through autodiff both its gradients, in 4x fewer FLOPs.
+`winograd.conv3x3`, which computes it, and through autodiff both its gradients, with 4x fewer
+multiplies.
 Only the plain case is rerouted (NHWC inputs, HWIO kernel, no dilation, one feature group); any
 other call (the paper's depthwise convs among them) goes to `lax.conv_general_dilated` unchanged.
 `config.model.impl` "auto" uses it on CPU only (`models.layers_for`): GPUs and TPUs have fast kernel
@@ -116,8 +117,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
 
 def _winograd_applies(x, kernel, strides, padding) -> bool:
-    """A float32 SAME 3x3 convolution of stride 1: Winograd's F(4x4, 3x3) does it in 4x fewer
-    FLOPs (`winograd.py`); 2.1-2.2x as fast with both gradients on the tutorial trunk's shape."""
+    """A float32 SAME 3x3 convolution of stride 1: Winograd's F(4x4, 3x3) does it with 4x fewer
+    multiplies (`winograd.py`); 2.1-2.2x as fast with both gradients on the tutorial trunk's shape."""
     return (kernel.shape[:2] == (3, 3) and strides == (1, 1) and padding == ((1, 1), (1, 1))
             and x.dtype == jnp.float32 and kernel.dtype == jnp.float32)
 

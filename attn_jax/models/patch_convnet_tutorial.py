@@ -16,7 +16,8 @@ drop-path, a LayerNorm over [cls; patches] before attention, and a Dense-GELU-De
 Initialisers follow Keras (Glorot-uniform kernels, with Keras' fans for the attention's rank-3
 kernels: `keras_init.keras_glorot`; zero biases, zero class token) and GELU is exact (erf), as in
 `tf.nn.gelu`. The convolutions are `nn.Conv` (the `conv` field: `config.model.impl` may give
-`attn_jax.fast.Conv`, the same layer with a faster kernel gradient on CPU).
+`attn_jax.fast.Conv`, the same layer with a faster kernel gradient on CPU and the trunk's 3x3 in
+Winograd's F(4x4, 3x3)).
 
 The trunk's weights are shared (`tie_trunk`). The tutorial's `Trunk.build` makes ONE list of layers
 and wraps that same list `depth` times (`[keras.Sequential(trunk_block) for _ in
