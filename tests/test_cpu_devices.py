@@ -60,15 +60,18 @@ def test_a_device_count_forced_through_xla_flags_is_left_alone():
     assert _split_in_a_fresh_process(env) == ["None", "3"]
 
 
-def test_a_run_recorded_before_the_field_existed_resumes(tmp_path):
-    """cpu_devices changes how a run is carried out, not what it computes: a relaunch may change it,
-    and a record written before the field existed is the same run."""
+@pytest.mark.parametrize("field, relaunched_with", [("cpu_devices", "1"),
+                                                   ("host_memory", "system")])
+def test_a_run_recorded_before_the_field_existed_resumes(tmp_path, field, relaunched_with):
+    """cpu_devices and host_memory (attn_jax/host_memory.py) change how a run is carried out, not
+    what it computes: a relaunch may change them, and a record written before the field existed is
+    the same run."""
     config = load_module(ROOT / "experiments" / "eanet.py").get_config("smoke")
     mesh = train.create_mesh()
     run_record.check_and_record(tmp_path, config, mesh, resuming=False)
     record = json.loads((tmp_path / run_record.RECORD).read_text())
-    del record["config"]["cpu_devices"]
+    del record["config"][field]
     (tmp_path / run_record.RECORD).write_text(json.dumps(record))
     with config.unlocked():
-        config.cpu_devices = "1"
+        config[field] = relaunched_with
     run_record.check_and_record(tmp_path, config, mesh, resuming=True)  # no error

@@ -1,6 +1,5 @@
 """config.host_memory: launch.py keeps the memory XLA:CPU frees after each step for the next one."""
 
-import json
 import os
 import subprocess
 import sys
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from attn_jax import host_memory, run_record, train, validate
+from attn_jax import host_memory, validate
 from attn_jax.errors import UserError
 from attn_jax.experiment import load_module
 
@@ -41,12 +40,23 @@ def test_without_a_request_an_installed_plugin_decides(monkeypatch, plugins, exp
     assert host_memory.accelerator_installed() is expected
 
 
-def test_keep_is_refused_where_glibc_refuses_a_setting(monkeypatch):
+def _config(host_memory_setting: str):
+    """The EANet smoke config with `host_memory` set."""
     config = load_module(ROOT / "experiments" / "eanet.py").get_config("smoke")
     with config.unlocked():
-        config.host_memory = "keep"
-    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: False)
+        config.host_memory = host_memory_setting
+    return config
+
+
+@pytest.fixture
+def before_jax_starts(monkeypatch):
+    """`configure` as launch.py calls it, before JAX's backends start."""
     monkeypatch.setattr(host_memory.xla_bridge, "backends_are_initialized", lambda: False)
+
+
+def test_keep_is_refused_where_glibc_refuses_a_setting(monkeypatch, before_jax_starts):
+    config = _config("keep")
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: False)
     with pytest.raises(UserError, match="glibc refused a mallopt setting"):
         host_memory.configure(config)
     with config.unlocked():
@@ -57,19 +67,14 @@ def test_keep_is_refused_where_glibc_refuses_a_setting(monkeypatch):
 
 @pytest.mark.parametrize("value", ["on", "", "Keep"])
 def test_a_bad_setting_is_refused_naming_the_field(value):
-    config = load_module(ROOT / "experiments" / "eanet.py").get_config("smoke")
-    with config.unlocked():
-        config.host_memory = value
+    config = _config(value)
     with pytest.raises(UserError, match="config.host_memory"):
         validate.check(config)
 
 
-def test_keep_is_refused_without_glibc(monkeypatch):
-    config = load_module(ROOT / "experiments" / "eanet.py").get_config("smoke")
-    with config.unlocked():
-        config.host_memory = "keep"
+def test_keep_is_refused_without_glibc(monkeypatch, before_jax_starts):
+    config = _config("keep")
     monkeypatch.setattr(host_memory, "glibc", lambda: False)
-    monkeypatch.setattr(host_memory.xla_bridge, "backends_are_initialized", lambda: False)
     with pytest.raises(UserError, match="config.host_memory='keep' needs glibc"):
         host_memory.configure(config)
 
@@ -112,16 +117,3 @@ def test_kept_memory_is_reused_by_the_next_step_without_page_faults():
     assert applied == "keep" and faults < 1_000
     applied, faults = _fewest_faults_per_step("system", steps=4)
     assert applied == "system" and faults > 6_000
-
-
-def test_a_run_recorded_before_the_field_existed_resumes(tmp_path):
-    """host_memory changes how fast a run goes, not what it computes: a relaunch may change it."""
-    config = load_module(ROOT / "experiments" / "eanet.py").get_config("smoke")
-    mesh = train.create_mesh()
-    run_record.check_and_record(tmp_path, config, mesh, resuming=False)
-    record = json.loads((tmp_path / run_record.RECORD).read_text())
-    del record["config"]["host_memory"]
-    (tmp_path / run_record.RECORD).write_text(json.dumps(record))
-    with config.unlocked():
-        config.host_memory = "system"
-    run_record.check_and_record(tmp_path, config, mesh, resuming=True)  # no error
