@@ -9,7 +9,10 @@ fourth session).
 Three `mallopt` settings keep the memory in the process instead, so the next step reuses it:
 
 - `M_MMAP_MAX` 0: large allocations come from the heap, not from their own mappings;
-- `M_TRIM_THRESHOLD` at its maximum (2 GiB): the heap's free top is not given back after a step;
+- `M_TRIM_THRESHOLD` -1, glibc's value for "never": the heap's free top is not given back after a
+  step. (Its largest positive value, 2 GiB, is not enough: the ViT baseline's step frees a heap top
+  larger than that, and then faulted 384,500 pages back in on most steps, 1.09x slower in an
+  in-process A/B, docs/performance.md, 2026-12-02, fifth session.)
 - `M_ARENA_MAX` 1: XLA's threads allocate from that one heap (glibc gives other threads arenas of
   at most 64 MiB, which map anything larger on their own whatever `M_MMAP_MAX` says). It must be set
   before JAX starts its threads: a thread keeps the arena it first allocated from.
@@ -43,7 +46,7 @@ from attn_jax.errors import UserError
 
 # mallopt(3) parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_SETTINGS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1))
+_SETTINGS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, 1))  # -1: never trim
 # JAX's accelerator plugins that do not register a "jax_plugins" entry point
 _ACCELERATOR_MODULES = ("libtpu",)
 

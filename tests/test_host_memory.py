@@ -117,3 +117,34 @@ def test_kept_memory_is_reused_by_the_next_step_without_page_faults():
     assert applied == "keep" and faults < 1_000
     applied, faults = _fewest_faults_per_step("system", steps=4)
     assert applied == "system" and faults > 6_000
+
+
+_HEAP_TOP = """
+import ctypes, sys
+from attn_jax import host_memory
+from attn_jax.experiment import load_module
+config = load_module('experiments/eanet.py').get_config('smoke')
+with config.unlocked():
+    config.host_memory = 'keep'
+host_memory.configure(config)
+libc = ctypes.CDLL("libc.so.6")
+libc.sbrk.restype = libc.malloc.restype = ctypes.c_void_p
+libc.sbrk.argtypes, libc.malloc.argtypes = [ctypes.c_long], [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+start = libc.sbrk(0)
+block = libc.malloc(3 * 2**30)  # address space only: no page of it is touched
+grown = libc.sbrk(0)
+libc.free(block)
+print(grown - start, libc.sbrk(0) - start)
+"""
+
+
+@pytest.mark.skipif(not host_memory.glibc(), reason="mallopt's settings are glibc's")
+def test_a_freed_heap_top_larger_than_2_gib_is_kept():
+    """The ViT baseline's step frees more than 2 GiB at the heap's top, the largest positive trim
+    threshold: "keep" must never trim (glibc's -1), or those pages fault back in every step."""
+    out = subprocess.run([sys.executable, "-c", _HEAP_TOP], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.split()
+    grown, after_free = int(out[0]), int(out[1])
+    assert grown > 2 * 2**30  # from the heap (less what its top had free), as M_MMAP_MAX 0 asks
+    assert after_free == grown
