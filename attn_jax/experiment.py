@@ -28,7 +28,8 @@ def benchmark_settings() -> ml_collections.ConfigDict:
     """The benchmark's knobs, an experiment's `config.benchmark` (so `--config.benchmark.x=...`
     overrides them); none changes what is computed, only how long and how often it is timed."""
     return ml_collections.ConfigDict({
-        "warmup": 2,  # untimed calls of each step before the timings
+        "warmup": 2,  # untimed blocks of `steps` calls of each step before the timings
+        "warmup_max": 12,  # more blocks, up to this many in all, while one still faults memory in
         "repeats": 5,  # timings per step; the median is reported
         "steps": 3,  # calls per timing
         "eval": True,  # also time the eval step

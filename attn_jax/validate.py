@@ -171,6 +171,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "checkpoint.every_steps": integer(0),
     "checkpoint.keep": integer(1),
     "benchmark.warmup": integer(0),
+    "benchmark.warmup_max": integer(0),
     "benchmark.repeats": integer(1),
     "benchmark.steps": integer(1),
     "benchmark.eval": BOOLEAN,

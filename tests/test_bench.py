@@ -15,7 +15,7 @@ from attn_jax.bench import flops, host, peaks, profile, steps
 from attn_jax.bench.compilations import count_compilations
 from attn_jax.fast import chunking
 
-QUICK = {"warmup": 1, "repeats": 2, "steps": 1, "matmul_sizes": (128,), "matmul_repeats": 2,
+QUICK = {"warmup": 1, "warmup_max": 3, "repeats": 2, "steps": 1, "matmul_sizes": (128,), "matmul_repeats": 2,
          "pipeline_batches": 2, "compare_steps": 2, "rounds": 1, "profile_steps": 1}
 
 
@@ -46,6 +46,8 @@ def test_benchmark_reports_speed_flops_mfu_and_the_input_pipeline(tmp_path, tiny
         assert r["images_per_s"] == pytest.approx(config.batch_size / (r["step_ms"] / 1e3))
         # Each timing is paired with a peak measured beside it; MFU is the median of the ratios.
         assert len(r["step_ms_all"]) == len(r["peak_flops_per_s_all"]) == QUICK["repeats"]
+        assert QUICK["warmup"] <= r["warmup_blocks"] <= QUICK["warmup_max"]
+        assert r["page_faults_per_step"] >= 0
         ratios = [r["flops_per_image"] * config.batch_size / (ms / 1e3) / peak
                   for ms, peak in zip(r["step_ms_all"], r["peak_flops_per_s_all"], strict=True)]
         assert min(ratios) * 0.99 <= r["mfu"] <= max(ratios) * 1.01 and r["mfu"] > 0
@@ -64,6 +66,34 @@ def test_benchmark_reports_speed_flops_mfu_and_the_input_pipeline(tmp_path, tiny
     for name in ("resident", "streamed"):
         assert feeds[f"{name}_ratio"] == pytest.approx(
             feeds[f"{name}_images_per_s"] / feeds["synthetic_images_per_s"])
+
+
+@pytest.mark.parametrize("warmup, warmup_max, growing_blocks, expected_blocks", [
+    (2, 12, 4, 5),  # past the minimum while the heap grows, then one settled block
+    (2, 12, 0, 2),  # settled from the start: the minimum
+    (2, 3, 10, 3),  # still growing at the cap
+    (4, 2, 10, 4),  # a cap below the minimum: the minimum
+    (0, 12, 10, 0),  # no warm-up asked for
+])
+def test_warm_up_continues_while_a_block_still_faults_memory_in(monkeypatch, warmup, warmup_max,
+                                                               growing_blocks, expected_blocks):
+    """The benchmark's timings start once the host's heap has stopped growing: each warm-up block
+    of the first `growing_blocks` faults in 10,000 pages per call (a growing heap), later ones 0."""
+    calls, faults = [], [0]
+    monkeypatch.setattr(steps, "host_page_faults", lambda: faults[0])
+
+    def call():
+        calls.append(1)
+        if len(calls) <= 3 * growing_blocks:
+            faults[0] += 10_000
+        return jnp.zeros(())
+
+    seconds, peaks_, warm = steps.time_step(call, warmup, repeats=2, steps=3,
+                                            warmup_max=warmup_max)
+    assert warm["warmup_blocks"] == expected_blocks
+    assert len(calls) == 3 * (expected_blocks + 2) and len(seconds) == 2 and peaks_ == []
+    timed_growth = max(0, growing_blocks - expected_blocks) * 3 * 10_000  # calls growing in timings
+    assert warm["page_faults_per_step"] == pytest.approx(min(timed_growth, 6 * 10_000) / 6)
 
 
 def test_model_flops_are_the_summary_multiply_adds_doubled(tiny_config):

@@ -1,5 +1,6 @@
 """The train and eval steps as a run builds them, on synthetic data, and their timing."""
 
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -78,29 +79,65 @@ class Stepper:
         return self.state
 
 
+def host_page_faults() -> int:
+    """This process's minor page faults so far: pages the kernel mapped in (and zeroed) on first
+    touch, as the host's allocator grows."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# A warm-up block has settled when it faulted in at most this many pages per call (1 MiB of 4 KiB
+# pages): a step that still grows the heap faults in its temporaries, 143,000 pages for the
+# tutorial PatchConvNet's train step on CPU.
+SETTLED_FAULTS_PER_CALL = 256
+
+
+def _block(call: Callable[[], object], steps: int,
+           probe: Callable[[], float] | None) -> tuple[float, float | None, int]:
+    """`steps` consecutive calls of `call`, waited on, then `probe()` if given: (seconds of the
+    calls, the probe's result, host page faults of both)."""
+    faults, start = host_page_faults(), time.perf_counter()
+    for _ in range(steps):
+        out = call()
+    jax.block_until_ready(out)
+    seconds = time.perf_counter() - start
+    peak = probe() if probe is not None else None
+    return seconds, peak, host_page_faults() - faults
+
+
 def time_step(call: Callable[[], object], warmup: int, repeats: int, steps: int,
-              probe: Callable[[], float] | None = None) -> tuple[list[float], list[float]]:
+              probe: Callable[[], float] | None = None,
+              warmup_max: int = 0) -> tuple[list[float], list[float], dict]:
     """Seconds per call of `call` (which must return what to wait on), `repeats` times over `steps`
-    consecutive calls after `warmup` untimed ones; and, if given, `probe()` (the peak FLOP/s) run
-    right after each timing, so that each timing has a peak measured at the same moment."""
-    for _ in range(warmup):
-        jax.block_until_ready(call())
-    per_step, peaks = [], []
+    consecutive calls; and, if given, `probe()` (the peak FLOP/s) run right after each timing, so
+    that each timing has a peak measured at the same moment.
+
+    Before the timings, untimed warm-up blocks in the timings' own pattern (`steps` calls, a few
+    steps in flight at once, then the probe): `warmup` of them, then more while the last one still
+    faulted memory in, up to `warmup_max` blocks in all. On CPU the allocator's heap grows over a
+    run's first steps (`host_memory`: then it is reused, never given back), and a timing of that
+    growth would measure the kernel zeroing pages, not the step. Also returns {"warmup_blocks",
+    "page_faults_per_step"}: how many warm-up blocks ran and the host page faults per timed call.
+    """
+    blocks, growing = 0, warmup > 0
+    while blocks < warmup or (growing and blocks < warmup_max):
+        growing = _block(call, steps, probe)[2] > SETTLED_FAULTS_PER_CALL * steps
+        blocks += 1
+    per_step, peaks, faults = [], [], 0
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            out = call()
-        jax.block_until_ready(out)
-        per_step.append((time.perf_counter() - start) / steps)
+        seconds, peak, block_faults = _block(call, steps, probe)
+        per_step.append(seconds / steps)
+        faults += block_faults
         if probe is not None:
-            peaks.append(probe())
-    return per_step, peaks
+            peaks.append(peak)
+    return per_step, peaks, {"warmup_blocks": blocks,
+                             "page_faults_per_step": faults / (repeats * steps)}
 
 
-def step_report(seconds: list[float], peaks: list[float], batch: int, flops: float,
+def step_report(seconds: list[float], peaks: list[float], warm: dict, batch: int, flops: float,
                 model_flops_per_image: float, lower_s: float, compile_s: float) -> dict:
     """Images/s and FLOP/s from the median step time; MFU as the median over the timings of each
-    timing's FLOP/s over the peak measured beside it (on a shared machine both drift together)."""
+    timing's FLOP/s over the peak measured beside it (on a shared machine both drift together);
+    `warm` (`time_step`'s warm-up record) is copied in."""
     step = statistics.median(seconds)
 
     def mfu(flops_per_step: float) -> float | None:
@@ -112,6 +149,7 @@ def step_report(seconds: list[float], peaks: list[float], batch: int, flops: flo
         "images_per_s": batch / step,
         "step_ms": 1e3 * step,
         "step_ms_all": [round(1e3 * s, 2) for s in seconds],
+        **warm,
         "peak_flops_per_s_all": peaks,
         "lower_s": lower_s,
         "compile_s": compile_s,
