@@ -29,7 +29,9 @@ def benchmark_settings() -> ml_collections.ConfigDict:
     overrides them); none changes what is computed, only how long and how often it is timed."""
     return ml_collections.ConfigDict({
         "warmup": 2,  # untimed blocks of `steps` calls of each step before the timings
-        "warmup_max": 12,  # more blocks, up to this many in all, while one still faults memory in
+        # more blocks (where freed host memory is kept), up to this many in all, until two in a row
+        # fault no memory in; warmup=0 turns both off
+        "warmup_max": 12,
         "repeats": 5,  # timings per step; the median is reported
         "steps": 3,  # calls per timing
         "eval": True,  # also time the eval step

@@ -17,15 +17,16 @@ Measured, in this order, in one process:
 2. The train step and the eval step, ahead-of-time compiled (`train.jit_steps`: one step on a given
    batch, the step a run's calls are made of; part 4 times the calls themselves), timed on one
    device-resident batch of random uint8 images (synthetic: no input pipeline; `steps.py`):
-   `warmup` untimed blocks of `steps` calls (more, up to `warmup_max`, while a block still faults
-   host memory in: on CPU the allocator's heap grows over the first steps; the report gives
-   `warmup_blocks` and the `page_faults_per_step` of the timings), then `repeats` timings of
-   `steps` calls each; the median per step gives images/s. FLOPs per image come from XLA's cost
-   analysis of the step (every op it keeps, element-wise ones included, a multiply-add as 2),
-   compiled with the model's reference layers (`flops.py`: the fast layers compute attention a few
-   examples at a time on CPU, a loop whose body XLA counts once): `mfu` is those FLOP/s over the
-   peak. `mfu_model` counts model FLOPs instead, the usual convention: the convolutions and matrix
-   products of one forward pass (`model_flops`), three times for a train step, once for eval.
+   `warmup` untimed blocks of `steps` calls and a probe (more, up to `warmup_max`, until two blocks
+   in a row fault no host memory in, where `host_memory` keeps freed memory: the heap grows over the
+   first steps; the report gives `warmup_blocks` and each timing's `page_faults_all`, per call),
+   then `repeats` timings of `steps` calls each; the median per step gives images/s. FLOPs per image
+   come from XLA's cost analysis of the step (every op it keeps, element-wise ones included, a
+   multiply-add as 2), compiled with the model's reference layers (`flops.py`: the fast layers
+   compute attention a few examples at a time on CPU, a loop whose body XLA counts once): `mfu` is
+   those FLOP/s over the peak. `mfu_model` counts model FLOPs instead, the usual convention: the
+   convolutions and matrix products of one forward pass (`model_flops`), three times for a train
+   step, once for eval.
 3. The streamed input pipeline alone (`data.StreamedFeed`: grain workers read and decode, batches
    put on the mesh, nothing stepping) over `pipeline_batches` batches (`feeds.py`).
 4. The feeds against synthetic data: training as a run trains (`train.jit_train_steps`,
@@ -126,7 +127,10 @@ def _time_steps(config: ml_collections.ConfigDict, mesh, opts: dict, probe, repo
     stats = steps.placeholder_stats(config)
     batch = steps.synthetic_batch(config.batch_size, image_shape, config.dataset.num_classes, mesh)
     report["image_shape"] = list(image_shape)
-    timing = (opts["warmup"], opts["repeats"], opts["steps"], probe, opts["warmup_max"])
+    # Warm-up past `warmup` only where the heap grows and then settles: with glibc's default
+    # behaviour every step faults its temporaries in, and no warm-up would end that.
+    warmup_max = opts["warmup_max"] if host_memory.APPLIED == "keep" else 0
+    timing = (opts["warmup"], opts["repeats"], opts["steps"], probe, warmup_max)
     with count_compilations() as compilations:
         train_compiled, *train_build = steps.compile_step(train_fn, state, batch, train_key, stats)
         say(f"train step compiled in {train_build[0] + train_build[1]:.1f}s")

@@ -92,16 +92,16 @@ SETTLED_FAULTS_PER_CALL = 256
 
 
 def _block(call: Callable[[], object], steps: int,
-           probe: Callable[[], float] | None) -> tuple[float, float | None, int]:
+           probe: Callable[[], float] | None) -> tuple[float, int, float | None, int]:
     """`steps` consecutive calls of `call`, waited on, then `probe()` if given: (seconds of the
-    calls, the probe's result, host page faults of both)."""
+    calls, their host page faults, the probe's result, the page faults of both)."""
     faults, start = host_page_faults(), time.perf_counter()
     for _ in range(steps):
         out = call()
     jax.block_until_ready(out)
-    seconds = time.perf_counter() - start
+    seconds, call_faults = time.perf_counter() - start, host_page_faults() - faults
     peak = probe() if probe is not None else None
-    return seconds, peak, host_page_faults() - faults
+    return seconds, call_faults, peak, host_page_faults() - faults
 
 
 def time_step(call: Callable[[], object], warmup: int, repeats: int, steps: int,
@@ -112,25 +112,26 @@ def time_step(call: Callable[[], object], warmup: int, repeats: int, steps: int,
     that each timing has a peak measured at the same moment.
 
     Before the timings, untimed warm-up blocks in the timings' own pattern (`steps` calls, a few
-    steps in flight at once, then the probe): `warmup` of them, then more while the last one still
-    faulted memory in, up to `warmup_max` blocks in all. On CPU the allocator's heap grows over a
-    run's first steps (`host_memory`: then it is reused, never given back), and a timing of that
-    growth would measure the kernel zeroing pages, not the step. Also returns {"warmup_blocks",
-    "page_faults_per_step"}: how many warm-up blocks ran and the host page faults per timed call.
+    steps in flight at once, then the probe): `warmup` of them, then more until two blocks in a row
+    fault no memory in (at most `SETTLED_FAULTS_PER_CALL` pages per call), up to `warmup_max`
+    blocks in all. Where freed memory is kept (`host_memory`), a CPU process's heap grows over its
+    first steps and is then reused; a timing of that growth would measure the kernel zeroing pages,
+    not the step. Also returns {"warmup_blocks", "page_faults_all"}: how many warm-up blocks ran
+    and each timing's host page faults per call (the probe's not included).
     """
-    blocks, growing = 0, warmup > 0
-    while blocks < warmup or (growing and blocks < warmup_max):
-        growing = _block(call, steps, probe)[2] > SETTLED_FAULTS_PER_CALL * steps
+    blocks, quiet = 0, 0
+    while blocks < warmup or (warmup > 0 and quiet < 2 and blocks < warmup_max):
+        settled = _block(call, steps, probe)[3] <= SETTLED_FAULTS_PER_CALL * steps
+        quiet = quiet + 1 if settled else 0
         blocks += 1
-    per_step, peaks, faults = [], [], 0
+    per_step, peaks, faults = [], [], []
     for _ in range(repeats):
-        seconds, peak, block_faults = _block(call, steps, probe)
+        seconds, call_faults, peak, _ = _block(call, steps, probe)
         per_step.append(seconds / steps)
-        faults += block_faults
+        faults.append(call_faults / steps)
         if probe is not None:
             peaks.append(peak)
-    return per_step, peaks, {"warmup_blocks": blocks,
-                             "page_faults_per_step": faults / (repeats * steps)}
+    return per_step, peaks, {"warmup_blocks": blocks, "page_faults_all": faults}
 
 
 def step_report(seconds: list[float], peaks: list[float], warm: dict, batch: int, flops: float,
