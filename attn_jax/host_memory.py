@@ -11,8 +11,8 @@ Three `mallopt` settings keep the memory in the process instead, so the next ste
 - `M_MMAP_MAX` 0: large allocations come from the heap, not from their own mappings;
 - `M_TRIM_THRESHOLD` -1, glibc's value for "never": the heap's free top is not given back after a
   step. (Its largest positive value, 2 GiB, is not enough: the ViT baseline's step frees a heap top
-  larger than that, and then faulted 384,500 pages back in on most steps, 1.09x slower in an
-  in-process A/B, docs/performance.md, 2026-12-02, fifth session.)
+  larger than that, and then faulted 384,500 pages back in on many steps: 1.09x slower, the median
+  of an in-process A/B's rounds, docs/performance.md, 2026-12-02, fifth session.)
 - `M_ARENA_MAX` 1: XLA's threads allocate from that one heap (glibc gives other threads arenas of
   at most 64 MiB, which map anything larger on their own whatever `M_MMAP_MAX` says). It must be set
   before JAX starts its threads: a thread keeps the arena it first allocated from.
