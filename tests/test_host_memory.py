@@ -80,15 +80,20 @@ def test_keep_is_refused_without_glibc(monkeypatch, before_jax_starts):
         host_memory.configure(config)
 
 
-_STEPS = """
-import resource, sys
-import jax, jax.numpy as jnp
+# The start of each script below: host_memory configured from argv[1], before JAX starts.
+_CONFIGURED = """
+import sys
 from attn_jax import host_memory
 from attn_jax.experiment import load_module
 config = load_module('experiments/eanet.py').get_config('smoke')
 with config.unlocked():
     config.host_memory = sys.argv[1]
 applied = host_memory.configure(config)
+"""
+
+_STEPS = """
+import resource
+import jax, jax.numpy as jnp
 x = jnp.ones((12, 1024, 1024))
 step = jax.jit(lambda x: jnp.cumsum(jnp.tanh(x), axis=0)[::2].sum((0, 1)))  # 48 MiB temporary
 faults = []
@@ -107,10 +112,16 @@ def _default_allocator_env() -> dict[str, str]:
             if k not in ("GLIBC_TUNABLES", "LD_PRELOAD") and not k.startswith("MALLOC_")}
 
 
+def _run_configured(script: str, setting: str, *args: str) -> list[str]:
+    """The words `script` prints, run in a fresh process after `_CONFIGURED` with `setting`, in
+    this environment less what else would choose the allocator's behaviour."""
+    return subprocess.run([sys.executable, "-c", _CONFIGURED + script, setting, *args], cwd=ROOT,
+                          env=_default_allocator_env(), check=True, capture_output=True,
+                          text=True).stdout.split()
+
+
 def _fewest_faults_per_step(setting: str, steps: int) -> tuple[str, int]:
-    env = _default_allocator_env()
-    out = subprocess.run([sys.executable, "-c", _STEPS, setting, str(steps)], cwd=ROOT, env=env,
-                         check=True, capture_output=True, text=True).stdout.split()
+    out = _run_configured(_STEPS, setting, str(steps))
     return out[0], int(out[1])
 
 
@@ -126,13 +137,7 @@ def test_kept_memory_is_reused_by_the_next_step_without_page_faults():
 
 
 _HEAP_TOP = """
-import ctypes, sys
-from attn_jax import host_memory
-from attn_jax.experiment import load_module
-config = load_module('experiments/eanet.py').get_config('smoke')
-with config.unlocked():
-    config.host_memory = 'keep'
-host_memory.configure(config)
+import ctypes
 libc = ctypes.CDLL("libc.so.6")
 libc.sbrk.restype = libc.malloc.restype = ctypes.c_void_p
 libc.sbrk.argtypes, libc.malloc.argtypes = [ctypes.c_long], [ctypes.c_size_t]
@@ -167,8 +172,7 @@ def test_a_freed_heap_top_larger_than_2_gib_is_kept():
     threshold: "keep" must never trim (glibc's -1), or those pages fault back in every step."""
     if why := _room_for_3_gib():
         pytest.skip(f"the test reserves 3 GiB of address space; this machine has {why}")
-    out = subprocess.run([sys.executable, "-c", _HEAP_TOP], cwd=ROOT, env=_default_allocator_env(),
-                         check=True, capture_output=True, text=True).stdout.split()
+    out = _run_configured(_HEAP_TOP, "keep")
     grown, after_free = int(out[0]), int(out[1])
     assert grown > 2 * 2**30, "the 3 GiB block did not come from the heap, as M_MMAP_MAX 0 asks"
     assert after_free == grown, f"the heap gave back {grown - after_free} bytes after the free"
