@@ -19,6 +19,13 @@ Why here: on the project's 2-core AVX-512 CPU the tutorial PatchConvNet's trunk 
 12x12, 256 -> 256, applied twice per step) takes the largest share of the train step, and XLA:CPU's
 direct convolution already runs near the float32 matmul peak, so fewer FLOPs are the way past it
 (docs/performance.md, 2026-12-02, fourth session).
+
+All three transforms are sums of scaled slices (`_combine`), and the input's overlapping tiles are
+cut by reshapes and slices (`_windows`), not gathered: XLA:CPU runs those as fused loops, and their
+transposes (the gradients) as pads and adds. On the Zen 5 machine the
+kernel's transform as an `einsum` became 6-long matmuls and transposes, and the gather's transpose a
+scatter-add over a zeroed buffer; without them the convolution with both gradients ran 1.25x
+(batch 64) and 1.15x (batch 128) as fast (docs/performance.md, 2026-12-02, sixth session).
 """
 
 import jax
@@ -47,28 +54,38 @@ AT = np.array([[1, 1, 1, 1, 1, 0],
 SPAN = BT.shape[0]  # input tile: 6 = TILE + 3 - 1
 
 
-def _combine(matrix: np.ndarray, x: jax.Array, axis: int) -> jax.Array:
-    """`matrix` applied along `axis` (of size matrix.shape[1]) as sums of scaled slices, which XLA
-    fuses into one loop, where a matmul with a 6-long contraction would run far below peak."""
-    parts = [lax.index_in_dim(x, i, axis, keepdims=False) for i in range(x.shape[axis])]
+def _split(x: jax.Array, axis: int) -> list[jax.Array]:
+    """The slices of `x` along `axis`, that axis dropped."""
+    return [lax.index_in_dim(x, i, axis, keepdims=False) for i in range(x.shape[axis])]
+
+
+def _combine(matrix: np.ndarray, parts: list[jax.Array]) -> list[jax.Array]:
+    """`matrix` [rows, len(parts)] applied to `parts` (equal-shaped arrays): one sum of scaled parts
+    per row, which XLA fuses into one loop, where a matmul with a 6-long contraction would run far
+    below peak."""
     rows = []
     for coefficients in matrix:
         terms = [float(c) * parts[i] if c not in (1, -1) else (parts[i] if c == 1 else -parts[i])
                  for i, c in enumerate(coefficients) if c != 0]
         rows.append(sum(terms[1:], terms[0]))
-    return jnp.stack(rows, axis=axis)
+    return rows
 
 
-def _tiles(x: jax.Array, axis: int, count: int) -> jax.Array:
-    """`count` overlapping windows of SPAN along `axis`, TILE apart: the axis becomes [count, SPAN]."""
-    starts = np.arange(count)[:, None] * TILE + np.arange(SPAN)[None, :]
-    return jnp.take(x, starts, axis=axis)
+def _windows(x: jax.Array, axis: int, count: int) -> list[jax.Array]:
+    """The SPAN elements of `count` overlapping windows TILE apart along `axis` (of length
+    TILE * (count + 1)): SPAN arrays with `count` along `axis`, element i of every window in the
+    i-th. Reshapes and slices, no gather: window t's element i is row 4t + i, that is row i % 4 of
+    block t + i // 4 when the axis is cut into blocks of TILE."""
+    blocks = x.reshape(x.shape[:axis] + (count + 1, TILE) + x.shape[axis + 1:])
+    return [lax.slice_in_dim(lax.index_in_dim(blocks, i % TILE, axis + 1, keepdims=False),
+                             i // TILE, i // TILE + count, axis=axis) for i in range(SPAN)]
 
 
 def transform_kernel(kernel: jax.Array) -> jax.Array:
     """[3, 3, C, O] -> [36, C, O]: G k G^T for every channel pair."""
-    u = jnp.einsum("ip,pqco,jq->ijco", G, kernel, G, precision=lax.Precision.HIGHEST)
-    return u.reshape(SPAN * SPAN, *kernel.shape[2:])
+    rows = _combine(G, _split(kernel, 0))  # 6 x [3, C, O]
+    u = [w for row in rows for w in _combine(G, _split(row, 0))]  # 36 x [C, O]
+    return jnp.stack(u)
 
 
 def transform_input(x: jax.Array) -> tuple[jax.Array, int, int]:
@@ -76,10 +93,10 @@ def transform_input(x: jax.Array) -> tuple[jax.Array, int, int]:
     zero-padded by one on each side (SAME) and up to whole output tiles; th x tw tiles."""
     _, height, width, _ = x.shape
     th, tw = -(-height // TILE), -(-width // TILE)
-    x = jnp.pad(x, ((0, 0), (1, 1 + th * TILE - height), (1, 1 + tw * TILE - width), (0, 0)))
-    d = _tiles(_tiles(x, 1, th), 3, tw)  # [B, th, 6, tw, 6, C]
-    d = jnp.transpose(d, (2, 4, 0, 1, 3, 5))  # [6, 6, B, th, tw, C]
-    v = _combine(BT, _combine(BT, d, 0), 1)
+    x = jnp.pad(x, ((0, 0), (1, TILE * (th + 1) - height - 1), (1, TILE * (tw + 1) - width - 1),
+                    (0, 0)))
+    rows = jnp.stack(_combine(BT, _windows(x, 1, th)))  # [6, B, th, W + pad, C]
+    v = jnp.stack(_combine(BT, _windows(rows, 3, tw)), axis=1)  # [6, 6, B, th, tw, C]
     return v.reshape(SPAN * SPAN, -1, x.shape[-1]), th, tw
 
 
@@ -87,7 +104,8 @@ def transform_output(m: jax.Array, batch: int, th: int, tw: int, height: int,
                      width: int) -> jax.Array:
     """[36, B * th * tw, O] -> [B, H, W, O]: A^T m A for every tile, the tiles put side by side."""
     m = m.reshape(SPAN, SPAN, batch, th, tw, m.shape[-1])
-    y = _combine(AT, _combine(AT, m, 0), 1)  # [4, 4, B, th, tw, O]
+    rows = jnp.stack(_combine(AT, _split(m, 0)))  # [4, 6, B, th, tw, O]
+    y = jnp.stack(_combine(AT, _split(rows, 1)), axis=1)  # [4, 4, B, th, tw, O]
     y = jnp.transpose(y, (2, 3, 0, 4, 1, 5)).reshape(batch, th * TILE, tw * TILE, -1)
     return y[:, :height, :width]
 
