@@ -165,6 +165,19 @@ def test_conv(kernel, strides, padding):
                          compare=close_to_scale if winograd else close)
 
 
+def test_gelu_equals_the_exact_gelu():
+    """`fast.gelu` (erf) against `nn.gelu(approximate=False)` (erfc, as tf.nn.gelu): values within
+    1e-6 in absolute value on [-1000, 1000], the far negative tail included, and derivatives
+    within 3e-7 on [-10, 10]."""
+    exact = functools.partial(nn.gelu, approximate=False)
+    x = jnp.linspace(-1000, 1000, 400_001, dtype=jnp.float32)
+    np.testing.assert_allclose(fast.gelu(x), exact(x), rtol=0, atol=1e-6)
+    x = jnp.linspace(-10, 10, 200_001, dtype=jnp.float32)
+    np.testing.assert_allclose(jax.vmap(jax.grad(fast.gelu))(x), jax.vmap(jax.grad(exact))(x),
+                               rtol=0, atol=3e-7)
+    assert fast.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
 TUTORIAL_MODELS = {  # experiment -> overrides that make it tiny
     "patch_convnet": dict(dim=16),
     "eanet": dict(dim=8, mlp_dim=8, num_blocks=2, num_heads=2),

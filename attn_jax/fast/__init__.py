@@ -12,6 +12,8 @@ only the order and the grouping of the arithmetic differ:
 - `Conv` (for `nn.Conv`): the kernel gradient as matrix multiplies, and a float32 SAME 3x3 of
   stride 1 (the tutorial PatchConvNet's trunk) in Winograd's F(4x4, 3x3), 4x fewer multiplies
   (`winograd.py`; its rounding differs more, about 3e-6 relative).
+- `gelu` (for the tutorial PatchConvNet's exact GELU, `nn.gelu(approximate=False)`): through `erf`
+  instead of `erfc`, cheaper on XLA:CPU (`activations.py`; differs by under 1e-6 in absolute value).
 - `threefry.use_unrolled_threefry_on_cpu`: JAX's random-bit hash without its rolled loop on CPU,
   installed by `launch.py`, not on import.
 
@@ -19,9 +21,10 @@ The models take these as fields; `attn_jax.models.layers_for` chooses them from 
 ("auto": on CPU).
 """
 
+from attn_jax.fast.activations import gelu
 from attn_jax.fast.attention import ExternalAttention, chunked_dot_product_attention
 from attn_jax.fast.conv import Conv
 from attn_jax.fast.threefry import use_unrolled_threefry_on_cpu
 
-__all__ = ["Conv", "ExternalAttention", "chunked_dot_product_attention",
+__all__ = ["Conv", "ExternalAttention", "chunked_dot_product_attention", "gelu",
            "use_unrolled_threefry_on_cpu"]

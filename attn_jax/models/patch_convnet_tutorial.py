@@ -15,9 +15,10 @@ Differences from the paper (implemented in `patch_convnet.py`): a two-conv stem 
 drop-path, a LayerNorm over [cls; patches] before attention, and a Dense-GELU-Dense-GELU class MLP.
 Initialisers follow Keras (Glorot-uniform kernels, with Keras' fans for the attention's rank-3
 kernels: `keras_init.keras_glorot`; zero biases, zero class token) and GELU is exact (erf), as in
-`tf.nn.gelu`. The convolutions are `nn.Conv` (the `conv` field: `config.model.impl` may give
-`attn_jax.fast.Conv`, the same layer with a faster kernel gradient on CPU and the trunk's 3x3 in
-Winograd's F(4x4, 3x3)).
+`tf.nn.gelu`. The convolutions are `nn.Conv` and GELU is `exact_gelu` (the `conv` and `gelu` fields:
+`config.model.impl` may give `attn_jax.fast.Conv`, the same layer with a faster kernel gradient on CPU
+and the trunk's 3x3 in Winograd's F(4x4, 3x3), and `attn_jax.fast.gelu`, the same function through
+`erf`).
 
 The trunk's weights are shared (`tie_trunk`). The tutorial's `Trunk.build` makes ONE list of layers
 and wraps that same list `depth` times (`[keras.Sequential(trunk_block) for _ in
@@ -30,6 +31,7 @@ tutorial's prose ("N stacked residual convolutional blocks") and the paper descr
 """
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -39,7 +41,7 @@ from attn_jax.models.keras_init import glorot, keras_glorot
 
 Dtype = Any
 ModuleDef = Any
-gelu = functools.partial(nn.gelu, approximate=False)
+exact_gelu = functools.partial(nn.gelu, approximate=False)  # 0.5 x erfc(-x / sqrt 2), as tf.nn.gelu
 SHARED_BLOCK = "TrunkBlock_shared"  # the trunk block of `tie_trunk=True`
 
 
@@ -49,13 +51,14 @@ class ConvStem(nn.Module):
     dim: int
     dtype: Dtype = jnp.float32
     conv: ModuleDef = nn.Conv
+    gelu: Callable = exact_gelu
 
     @nn.compact
     def __call__(self, x):
         for features in (self.dim // 2, self.dim):
             x = self.conv(features, (3, 3), strides=2, padding="SAME", kernel_init=glorot,
                      dtype=self.dtype)(x)
-            x = gelu(x)
+            x = self.gelu(x)
         return x
 
 
@@ -82,14 +85,15 @@ class TrunkBlock(nn.Module):
     se_ratio: int
     dtype: Dtype = jnp.float32
     conv: ModuleDef = nn.Conv
+    gelu: Callable = exact_gelu
 
     @nn.compact
     def __call__(self, x):
         dim = x.shape[-1]
         conv = functools.partial(self.conv, dim, padding="SAME", kernel_init=glorot, dtype=self.dtype)
         y = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32)(x)
-        y = gelu(conv((1, 1))(y))
-        y = gelu(conv((3, 3))(y))
+        y = self.gelu(conv((1, 1))(y))
+        y = self.gelu(conv((3, 3))(y))
         y = SqueezeExcite(self.se_ratio, dtype=self.dtype)(y)
         y = conv((1, 1))(y)
         return x + y
@@ -108,6 +112,7 @@ class AttentionPooling(nn.Module):
     attention_dropout: float
     mlp_dropout: float
     dtype: Dtype = jnp.float32
+    gelu: Callable = exact_gelu
 
     @nn.compact
     def __call__(self, patches, *, train: bool):
@@ -133,9 +138,9 @@ class AttentionPooling(nn.Module):
 
         cls = layer_norm()(cls + attended)[:, 0]  # [B, d]
         cls = layer_norm()(cls)
-        mlp = gelu(dense()(cls))
+        mlp = self.gelu(dense()(cls))
         mlp = nn.Dropout(self.mlp_dropout)(mlp, deterministic=not train)
-        cls = cls + gelu(dense()(mlp))
+        cls = cls + self.gelu(dense()(mlp))
         on_patches = weights[:, 0, 0, 1:]
         return cls, on_patches / jnp.sum(on_patches, axis=-1, keepdims=True)
 
@@ -157,11 +162,13 @@ class PatchConvNetTutorial(nn.Module):
     tie_trunk: bool
     dtype: Dtype = jnp.float32
     conv: ModuleDef = nn.Conv  # or attn_jax.fast.Conv (same parameters): config.model.impl
+    gelu: Callable = exact_gelu  # or attn_jax.fast.gelu (the same function): config.model.impl
 
     @nn.compact
     def __call__(self, images, *, train: bool):
-        x = ConvStem(self.dim, dtype=self.dtype, conv=self.conv)(images)
-        block = functools.partial(TrunkBlock, self.se_ratio, dtype=self.dtype, conv=self.conv)
+        x = ConvStem(self.dim, dtype=self.dtype, conv=self.conv, gelu=self.gelu)(images)
+        block = functools.partial(TrunkBlock, self.se_ratio, dtype=self.dtype, conv=self.conv,
+                                  gelu=self.gelu)
         if self.tie_trunk:  # one module, so one set of weights, called `depth` times
             blocks = [block(name=SHARED_BLOCK)] * self.depth
         else:  # TrunkBlock_0 ... TrunkBlock_{depth-1}
@@ -170,7 +177,7 @@ class PatchConvNetTutorial(nn.Module):
             x = block(x)
         patches = x.reshape(x.shape[0], -1, self.dim)
         cls, attention = AttentionPooling(self.attention_dropout, self.mlp_dropout,
-                                          dtype=self.dtype)(patches, train=train)
+                                          dtype=self.dtype, gelu=self.gelu)(patches, train=train)
         logits = nn.Dense(self.num_classes, kernel_init=glorot, dtype=jnp.float32,
                           name="head")(cls)
         return logits, attention
