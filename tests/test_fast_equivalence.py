@@ -19,7 +19,7 @@ from conftest import load_experiment
 from attn_jax import fast, models
 from attn_jax.fast import attention as fast_attention
 from attn_jax.fast import chunking
-from attn_jax.models import eanet
+from attn_jax.models import eanet, patch_convnet_tutorial
 
 close = functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=2e-5)
 
@@ -176,6 +176,37 @@ def test_gelu_equals_the_exact_gelu():
     np.testing.assert_allclose(jax.vmap(jax.grad(fast.gelu))(x), jax.vmap(jax.grad(exact))(x),
                                rtol=0, atol=3e-7)
     assert fast.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_folded_class_attention():
+    """The tutorial's attention pooling with the key and value projections folded: same
+    parameters; same outputs (pooled class token and attention map) and gradients with dropout,
+    at random parameters (at initialisation the class token and biases are zero, and the key's
+    gradient with them)."""
+    make = functools.partial(patch_convnet_tutorial.AttentionPooling, attention_dropout=0.3,
+                             mlp_dropout=0.0)
+    reference, candidate = make(), make(class_attention=fast.folded_class_attention)
+    x = jax.random.normal(jax.random.key(0), (3, 7, 8))
+    params = reference.init(jax.random.key(1), x, train=False)["params"]
+    jax.tree.map(np.testing.assert_array_equal,
+                 candidate.init(jax.random.key(1), x, train=False)["params"], params)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    params = jax.tree.unflatten(tree, [leaf + 0.5 * jax.random.normal(k, leaf.shape)
+                                       for leaf, k in zip(leaves, keys, strict=True)])
+
+    def loss(module, params, x):
+        cls, attention = module.apply({"params": params}, x, train=True,
+                                      rngs={"dropout": jax.random.key(3)})
+        return jnp.sum(jnp.sin(cls)) + jnp.sum(jnp.cos(7 * attention)), (cls, attention)
+
+    expected = jax.value_and_grad(functools.partial(loss, reference), (0, 1), has_aux=True)(
+        params, x)
+    got = jax.value_and_grad(functools.partial(loss, candidate), (0, 1), has_aux=True)(params, x)
+    jax.tree.map(close, got, expected)
+    assert np.abs(expected[1][0]["key"]["kernel"]).max() > 1e-3  # the key's gradient is tested
+    undropped = reference.apply({"params": params}, x, train=False)[0]
+    assert np.abs(expected[0][1][0] - undropped).max() > 1e-3  # dropout was applied
 
 
 TUTORIAL_MODELS = {  # experiment -> overrides that make it tiny

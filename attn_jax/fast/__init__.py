@@ -14,6 +14,9 @@ only the order and the grouping of the arithmetic differ:
   (`winograd.py`; its rounding differs more, about 3e-6 relative).
 - `gelu` (for the tutorial PatchConvNet's exact GELU, `nn.gelu(approximate=False)`): through `erf`
   instead of `erfc`, cheaper on XLA:CPU (`activations.py`; differs by under 1e-6 in absolute value).
+- `folded_class_attention` (for the tutorial PatchConvNet's `class_attention`): its key and value
+  projections folded into the one query, a product with one vector per example instead of a
+  projection of every token (`class_attention.py`).
 - `threefry.use_unrolled_threefry_on_cpu`: JAX's random-bit hash without its rolled loop on CPU,
   installed by `launch.py`, not on import.
 
@@ -23,8 +26,9 @@ The models take these as fields; `attn_jax.models.layers_for` chooses them from 
 
 from attn_jax.fast.activations import gelu
 from attn_jax.fast.attention import ExternalAttention, chunked_dot_product_attention
+from attn_jax.fast.class_attention import folded_class_attention
 from attn_jax.fast.conv import Conv
 from attn_jax.fast.threefry import use_unrolled_threefry_on_cpu
 
-__all__ = ["Conv", "ExternalAttention", "chunked_dot_product_attention", "gelu",
-           "use_unrolled_threefry_on_cpu"]
+__all__ = ["Conv", "ExternalAttention", "chunked_dot_product_attention", "folded_class_attention",
+           "gelu", "use_unrolled_threefry_on_cpu"]

@@ -6,10 +6,10 @@ shape `[batch, num_classes]`, and the class token's attention weights over the p
 `[batch, num_patches]` (softmax weights, summing to 1) or `None` for models without one.
 
 The models here are the reference forms, plain Flax layers in the papers' vocabulary. Each takes
-the layers it is built from as fields (`conv`, `gelu`, `external_attention`, `attention_fn`), as flax's
-ResNet takes `conv`; `layers_for` is the ONE place that swaps in the speed versions of
-`attn_jax.fast` (same parameters, same function: `tests/test_fast_equivalence.py`), from
-`config.model.impl`.
+the layers it is built from as fields (`conv`, `gelu`, `class_attention`, `external_attention`,
+`attention_fn`), as flax's ResNet takes `conv`; `layers_for` is the ONE place that swaps in the
+speed versions of `attn_jax.fast` (same parameters, same function:
+`tests/test_fast_equivalence.py`), from `config.model.impl`.
 """
 
 from collections.abc import Callable
@@ -65,7 +65,8 @@ def layers_for(impl: str, backend: str | None = None) -> dict:
     default backend): {} for the reference layers (each model's defaults), else the fast ones."""
     if resolve_impl(impl, backend or jax.default_backend()) == "reference":
         return {}
-    return {"conv": fast.Conv, "gelu": fast.gelu, "external_attention": fast.ExternalAttention,
+    return {"conv": fast.Conv, "gelu": fast.gelu, "class_attention": fast.folded_class_attention,
+            "external_attention": fast.ExternalAttention,
             "attention_fn": fast.chunked_dot_product_attention}
 
 

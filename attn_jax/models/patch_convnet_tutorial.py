@@ -99,12 +99,29 @@ class TrunkBlock(nn.Module):
         return x + y
 
 
+def class_attention(x, query: nn.Module, key: nn.Module, value: nn.Module, dropout: nn.Module):
+    """Keras' one-head MultiHeadAttention with the class token as the only query:
+    x = [cls; patches] [B, N + 1, d] -> (attended [B, 1, heads=1, d], weights [B, 1, 1, N + 1]).
+
+    `query`, `key`, `value` are the projections (DenseGeneral to [1 head, d], with bias) and
+    `dropout` the attention dropout, applied to the softmax weights; `weights` are before it."""
+    q = query(x[:, :1])  # [B, 1, 1, d]
+    k = key(x)  # [B, N + 1, 1, d]
+    v = value(x)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    weights = nn.softmax(scores.astype(jnp.float32), axis=-1)  # [B, 1, 1, N + 1]
+    attended = jnp.einsum("bhqk,bkhd->bqhd", dropout(weights).astype(v.dtype), v)
+    return attended, weights
+
+
 class AttentionPooling(nn.Module):
     """A learnable class token attends to the patches: [B, N, d] -> (cls [B, d], attn [B, N]).
 
     One-head attention with Keras' MultiHeadAttention layout (query/key/value projections to
     `[1 head, d]` with bias, output projection back to d); the query is the class token only, the
-    keys and values are [cls; patches]. `attn` is the class token's softmax weight on each patch
+    keys and values are [cls; patches] (`class_attention`, a field: `config.model.impl` may give
+    `attn_jax.fast.folded_class_attention`, the same function with the projections folded into the
+    one query). `attn` is the class token's softmax weight on each patch
     before attention dropout, with its weight on itself dropped and the rest renormalised to sum to
     1 (the tutorial plots the unnormalised slice; a colormap rescales it, so the picture is the same).
     """
@@ -113,6 +130,7 @@ class AttentionPooling(nn.Module):
     mlp_dropout: float
     dtype: Dtype = jnp.float32
     gelu: Callable = exact_gelu
+    class_attention: Callable = class_attention
 
     @nn.compact
     def __call__(self, patches, *, train: bool):
@@ -126,13 +144,9 @@ class AttentionPooling(nn.Module):
         cls = jnp.broadcast_to(cls, (batch, 1, dim))
         x = layer_norm()(jnp.concatenate([cls, patches.astype(jnp.float32)], axis=1))
 
-        q = proj(name="query")(x[:, :1])  # [B, 1, heads=1, d]
-        k = proj(name="key")(x)  # [B, N + 1, 1, d]
-        v = proj(name="value")(x)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(dim).astype(q.dtype)
-        weights = nn.softmax(scores.astype(jnp.float32), axis=-1)  # [B, 1, 1, N + 1]
-        dropped = nn.Dropout(self.attention_dropout)(weights, deterministic=not train)
-        attended = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(v.dtype), v)
+        dropout = functools.partial(nn.Dropout(self.attention_dropout), deterministic=not train)
+        attended, weights = self.class_attention(x, proj(name="query"), proj(name="key"),
+                                                 proj(name="value"), dropout)
         attended = nn.DenseGeneral(dim, axis=(-2, -1), kernel_init=keras_glorot((1, dim, dim)),
                                    dtype=self.dtype, name="out")(attended)  # [B, 1, d]
 
@@ -163,6 +177,7 @@ class PatchConvNetTutorial(nn.Module):
     dtype: Dtype = jnp.float32
     conv: ModuleDef = nn.Conv  # or attn_jax.fast.Conv (same parameters): config.model.impl
     gelu: Callable = exact_gelu  # or attn_jax.fast.gelu (the same function): config.model.impl
+    class_attention: Callable = class_attention  # or attn_jax.fast.folded_class_attention
 
     @nn.compact
     def __call__(self, images, *, train: bool):
@@ -177,7 +192,8 @@ class PatchConvNetTutorial(nn.Module):
             x = block(x)
         patches = x.reshape(x.shape[0], -1, self.dim)
         cls, attention = AttentionPooling(self.attention_dropout, self.mlp_dropout,
-                                          dtype=self.dtype, gelu=self.gelu)(patches, train=train)
+                                          dtype=self.dtype, gelu=self.gelu,
+                                          class_attention=self.class_attention)(patches, train=train)
         logits = nn.Dense(self.num_classes, kernel_init=glorot, dtype=jnp.float32,
                           name="head")(cls)
         return logits, attention
