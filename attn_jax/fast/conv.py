@@ -13,8 +13,7 @@ forward pass. `conv_general_dilated` here computes the same function with a cust
   kh * kw matmuls with a long contraction, which XLA:CPU runs at matmul speed.
 
 A float32 3x3 convolution of stride 1 with SAME padding (the tutorial trunk's) goes instead to
-`winograd.conv3x3`, which computes it, and through autodiff both its gradients, with 4x fewer
-multiplies.
+`winograd.conv3x3`, which computes it, and both its gradients, with 4x fewer multiplies.
 Only the plain case is rerouted (NHWC inputs, HWIO kernel, no dilation, one feature group); any
 other call (the paper's depthwise convs among them) goes to `lax.conv_general_dilated` unchanged.
 `config.model.impl` "auto" uses it on CPU only (`models.layers_for`): GPUs and TPUs have fast kernel

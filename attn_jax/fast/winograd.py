@@ -6,8 +6,10 @@ each taken to a 6x6 "Winograd domain" by fixed matrices (`BT`, `G`), multiplied 
 position and summed over input channels (36 matrix multiplies of [tiles, C] x [C, O]), and brought
 back by a third (`AT`). That is 36 multiplies per 16 outputs against the direct convolution's
 9 x 16: 4x fewer multiplies (0.31 of the FLOPs with the transforms' adds, by XLA's cost analysis).
-The transforms are linear, so JAX differentiates through them and both gradients are
-Winograd-domain matrix multiplies of the same size, 4x fewer multiplies too.
+Both gradients are Winograd-domain matrix multiplies of the same size, 4x fewer multiplies too,
+by a custom VJP (`_conv3x3_bwd`): the input's gradient is the same convolution of the output's
+gradient with the kernel turned 180 degrees, and the kernel's is the 36 matmuls of the input's
+transform (kept from the forward pass) with the output gradient's, taken back by G^T . G.
 
 It computes the same function as `lax.conv_general_dilated` with SAME padding; only float rounding
 differs, and more than the direct convolution's: the transforms' constants (up to 5 and 1/24) scale
@@ -20,12 +22,14 @@ Why here: on the project's 2-core AVX-512 CPU the tutorial PatchConvNet's trunk 
 direct convolution already runs near the float32 matmul peak, so fewer FLOPs are the way past it
 (docs/performance.md, 2026-12-02, fourth session).
 
-All three transforms are sums of scaled slices (`_combine`), and the input's overlapping tiles are
-cut by reshapes and slices (`_windows`), not gathered: XLA:CPU runs those as fused loops, and their
-transposes (the gradients) as pads and adds. On the Zen 5 machine the
-kernel's transform as an `einsum` became 6-long matmuls and transposes, and the gather's transpose a
-scatter-add over a zeroed buffer; without them the convolution with both gradients ran 1.25x
-(batch 64) and 1.15x (batch 128) as fast (docs/performance.md, 2026-12-02, sixth session).
+All the transforms are sums of scaled slices (`_combine`), and the input's overlapping tiles are
+cut by reshapes and slices (`_windows`), not gathered: XLA:CPU runs those as fused loops. On the
+Zen 5 machine the kernel's transform as an `einsum` became 6-long matmuls and transposes, and the
+gather's transpose a scatter-add over a zeroed buffer; without them the convolution with both
+gradients ran 1.25x (batch 64) and 1.15x (batch 128) as fast. Autodiff's transpose of the input
+transform (overlapping tiles added back, as pads and adds) was the costliest transform left: the
+custom VJP, which has none, made the whole PatchConvNet train step 1.07-1.12x as fast
+(docs/performance.md, 2026-12-02, sixth session).
 """
 
 import jax
@@ -110,15 +114,64 @@ def transform_output(m: jax.Array, batch: int, th: int, tw: int, height: int,
     return y[:, :height, :width]
 
 
+def transform_output_transpose(dy: jax.Array, th: int, tw: int) -> jax.Array:
+    """`transform_output`'s transpose, [B, H, W, O] -> [36, B * th * tw, O]: A g A^T for every
+    4x4 tile g of `dy`, zero-padded up to whole tiles."""
+    batch, height, width, features = dy.shape
+    dy = jnp.pad(dy, ((0, 0), (0, th * TILE - height), (0, tw * TILE - width), (0, 0)))
+    g = jnp.transpose(dy.reshape(batch, th, TILE, tw, TILE, features), (2, 4, 0, 1, 3, 5))
+    rows = jnp.stack(_combine(AT.T, _split(g, 0)))  # [6, 4, B, th, tw, O]
+    dm = jnp.stack(_combine(AT.T, _split(rows, 1)), axis=1)  # [6, 6, B, th, tw, O]
+    return dm.reshape(SPAN * SPAN, -1, features)
+
+
+def transform_kernel_transpose(du: jax.Array) -> jax.Array:
+    """`transform_kernel`'s transpose, [36, C, O] -> [3, 3, C, O]: G^T u G for every channel pair."""
+    du = du.reshape(SPAN, SPAN, *du.shape[1:])
+    rows = jnp.stack(_combine(G.T, _split(du, 0)))  # [3, 6, C, O]
+    return jnp.stack(_combine(G.T, _split(rows, 1)), axis=1)
+
+
+def _winograd_domain_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """The 36 position-wise matmuls, batched over the leading axis; full float32 (no TF32 where a
+    GPU runs it)."""
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((0,), (0,))),
+                           precision=lax.Precision.HIGHEST)
+
+
+def _conv3x3(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The convolution and its input in the Winograd domain (kept for the kernel's gradient)."""
+    batch, height, width, _ = x.shape
+    v, th, tw = transform_input(x)
+    m = _winograd_domain_dot(v, transform_kernel(kernel), (2, 1))  # [36, tiles, O]
+    return transform_output(m, batch, th, tw, height, width), v
+
+
+@jax.custom_vjp
+def _conv3x3_with_winograd_gradients(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return _conv3x3(x, kernel)[0]
+
+
+def _conv3x3_bwd(residuals, dy):
+    """Both gradients in the Winograd domain, each from cheap forward-style transforms: the input's
+    is the same convolution of `dy` with the kernel turned 180 degrees and its channels swapped;
+    the kernel's is the 36 matmuls of the input's and `dy`'s transforms, taken back by G^T . G."""
+    v, kernel = residuals
+    _, height, width, _ = dy.shape
+    dm = transform_output_transpose(dy, -(-height // TILE), -(-width // TILE))  # [36, tiles, O]
+    dkernel = transform_kernel_transpose(_winograd_domain_dot(v, dm, (1, 1)))  # [36, C, O]
+    dx = _conv3x3(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)))[0]
+    return dx, dkernel
+
+
+_conv3x3_with_winograd_gradients.defvjp(
+    lambda x, kernel: (lambda y, v: (y, (v, kernel)))(*_conv3x3(x, kernel)), _conv3x3_bwd)
+
+
 def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """SAME float32 3x3 convolution, stride 1, NHWC x HWIO: [B, H, W, C], [3, 3, C, O] ->
     [B, H, W, O]."""
     if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
         raise TypeError(f"winograd.conv3x3 is for float32, not {x.dtype} x {kernel.dtype}: its "
                         "transforms' rounding would swamp a narrower type's")
-    batch, height, width, _ = x.shape
-    v, th, tw = transform_input(x)
-    u = transform_kernel(kernel)
-    m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))),  # [36, tiles, O]; full float32
-                        precision=lax.Precision.HIGHEST)  # (no TF32 where a GPU runs it)
-    return transform_output(m, batch, th, tw, height, width)
+    return _conv3x3_with_winograd_gradients(x, kernel)
