@@ -1,5 +1,5 @@
 """The tutorial PatchConvNet's class attention with its key and value projections folded into its
-one query: `folded_class_attention`, for `models.patch_convnet_tutorial.class_attention`.
+one query: `folded_class_attention`, for `models.patch_convnet_tutorial.reference_class_attention`.
 
 With the class token as the only query, the keys and values of all N + 1 tokens are needed only
 through two sums, so the projections can act on those sums instead of on every token
@@ -9,7 +9,8 @@ through two sums, so the projections can act on those sums instead of on every t
     attended  = sum_j w_j (x_j W_v + b_v)  = (sum_j w_j x_j) W_v + (sum_j w_j) b_v
 
 q . b_k is the same for every token, and the softmax over tokens does not change when a constant is
-added to all its scores, so it is left out (the key's bias gets no gradient either way).
+added to all its scores, so it is left out: the key's bias then gets no gradient (the reference's
+is rounding noise around zero).
 
 The reference computes the key and value projections of every token: two [B (N + 1), d_in] x
 [d_in, d] matmuls forward and four backward, 13% of the tutorial PatchConvNet's matmul FLOPs at
@@ -19,13 +20,16 @@ recomputed), the same weights and the same dropout mask; only the order of the s
 (`tests/test_fast_equivalence.py`).
 """
 
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 
 def _kernel_and_bias(projection: nn.Module, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """A DenseGeneral's kernel [d_in, heads, d] and bias [heads, d], in its compute dtype. At
+    """A DenseGeneral's kernel [d_in, heads, d] and bias [heads, d] (one with a bias, over the last
+    axis, as the pooling's are), in its compute dtype (`projection.dtype`, set by the pooling). At
     initialisation it is applied once, to one token, so that its parameters exist."""
     if projection.is_initializing():
         projection(x[:, :1])
@@ -34,10 +38,10 @@ def _kernel_and_bias(projection: nn.Module, x: jax.Array) -> tuple[jax.Array, ja
             params["bias"].astype(projection.dtype or x.dtype))
 
 
-def folded_class_attention(x, query: nn.Module, key: nn.Module, value: nn.Module,
-                           dropout) -> tuple[jax.Array, jax.Array]:
+def folded_class_attention(x: jax.Array, query: nn.Module, key: nn.Module, value: nn.Module,
+                           dropout: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
     """x = [cls; patches] [B, N + 1, d_in] -> (attended [B, 1, heads, d], weights
-    [B, heads, 1, N + 1]), as `patch_convnet_tutorial.class_attention` computes them."""
+    [B, heads, 1, N + 1]), as `patch_convnet_tutorial.reference_class_attention` computes them."""
     q = query(x[:, :1])  # [B, 1, heads, d]
     w_k, _ = _kernel_and_bias(key, x)  # q . b_k: the same for every token, no effect (above)
     w_v, b_v = _kernel_and_bias(value, x)
@@ -45,8 +49,9 @@ def folded_class_attention(x, query: nn.Module, key: nn.Module, value: nn.Module
     q_k = jnp.einsum("bqhd,chd->bqhc", q, w_k)  # W_k q: [B, 1, heads, d_in]
     scores = jnp.einsum("bqhc,bkc->bhqk", q_k, x) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
     weights = nn.softmax(scores.astype(jnp.float32), axis=-1)  # [B, heads, 1, N + 1]
-    dropped = dropout(weights).astype(q.dtype)
-    pooled = jnp.einsum("bhqk,bkc->bqhc", dropped, x)  # sum_j w_j x_j: [B, 1, heads, d_in]
-    mass = jnp.einsum("bhqk->bqh", dropped)  # sum_j w_j (1 without dropout): [B, 1, heads]
+    dropped = dropout(weights)
+    mass = jnp.einsum("bhqk->bqh", dropped).astype(q.dtype)  # sum_j w_j (1 without dropout), summed
+    # in float32 as the reference's dot accumulates it: [B, 1, heads]
+    pooled = jnp.einsum("bhqk,bkc->bqhc", dropped.astype(q.dtype), x)  # sum_j w_j x_j: [B, 1, h, d_in]
     attended = jnp.einsum("bqhc,chd->bqhd", pooled, w_v) + mass[..., None] * b_v
     return attended, weights

@@ -117,7 +117,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
 def _winograd_applies(x, kernel, strides, padding) -> bool:
     """A float32 SAME 3x3 convolution of stride 1: Winograd's F(4x4, 3x3) does it with 4x fewer
-    multiplies (`winograd.py`); 2.1-2.2x as fast with both gradients on the tutorial trunk's shape."""
+    multiplies (`winograd.py`); 2.1-2.2x as fast with both gradients on the tutorial trunk's shape
+    when it was adopted (Zen 4, fourth session), before its later speed-ups there."""
     return (kernel.shape[:2] == (3, 3) and strides == (1, 1) and padding == ((1, 1), (1, 1))
             and x.dtype == jnp.float32 and kernel.dtype == jnp.float32)
 

@@ -133,14 +133,16 @@ def transform_kernel_transpose(du: jax.Array) -> jax.Array:
 
 
 def _winograd_domain_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
-    """The 36 position-wise matmuls, batched over the leading axis; full float32 (no TF32 where a
-    GPU runs it)."""
+    """The 36 position-wise matmuls, batched over the leading axis, contracting axis contract[0] of
+    `a` [36, ., .] with axis contract[1] of `b` [36, ., .]; full float32 (no TF32 where a GPU runs
+    it)."""
     return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((0,), (0,))),
                            precision=lax.Precision.HIGHEST)
 
 
 def _conv3x3(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The convolution and its input in the Winograd domain (kept for the kernel's gradient)."""
+    """[B, H, W, C], [3, 3, C, O] -> the convolution [B, H, W, O] and the input in the Winograd
+    domain [36, tiles, C] (kept for the kernel's gradient)."""
     batch, height, width, _ = x.shape
     v, th, tw = transform_input(x)
     m = _winograd_domain_dot(v, transform_kernel(kernel), (2, 1))  # [36, tiles, O]
@@ -149,13 +151,22 @@ def _conv3x3(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 @jax.custom_vjp
 def _conv3x3_with_winograd_gradients(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """[B, H, W, C], [3, 3, C, O] -> [B, H, W, O], with `_conv3x3_bwd` as its VJP (reverse mode
+    only: `jax.jvp` and `jax.jacfwd` of it raise)."""
     return _conv3x3(x, kernel)[0]
 
 
+def _conv3x3_fwd(x: jax.Array, kernel: jax.Array):
+    """The output, and the input's transform [36, tiles, C] and the kernel for the backward pass."""
+    y, v = _conv3x3(x, kernel)
+    return y, (v, kernel)
+
+
 def _conv3x3_bwd(residuals, dy):
-    """Both gradients in the Winograd domain, each from cheap forward-style transforms: the input's
-    is the same convolution of `dy` with the kernel turned 180 degrees and its channels swapped;
-    the kernel's is the 36 matmuls of the input's and `dy`'s transforms, taken back by G^T . G."""
+    """dy [B, H, W, O] -> (dx [B, H, W, C], dkernel [3, 3, C, O]). Both gradients in the Winograd
+    domain, each from cheap forward-style transforms: the input's is the same convolution of `dy`
+    with the kernel turned 180 degrees and its channels swapped; the kernel's is the 36 matmuls of
+    the input's and `dy`'s transforms, taken back by G^T . G."""
     v, kernel = residuals
     _, height, width, _ = dy.shape
     dm = transform_output_transpose(dy, -(-height // TILE), -(-width // TILE))  # [36, tiles, O]
@@ -164,8 +175,7 @@ def _conv3x3_bwd(residuals, dy):
     return dx, dkernel
 
 
-_conv3x3_with_winograd_gradients.defvjp(
-    lambda x, kernel: (lambda y, v: (y, (v, kernel)))(*_conv3x3(x, kernel)), _conv3x3_bwd)
+_conv3x3_with_winograd_gradients.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -51,7 +51,8 @@ def get_model(name: str, **kwargs) -> nn.Module:
 
 def resolve_impl(impl: str, backend: str) -> str:
     """config.model.impl -> "reference" or "fast". "auto" is "fast" where it was measured faster:
-    on CPU (the folded and chunked attentions, the matmul conv gradient: docs/performance.md);
+    on CPU (the folded and chunked attentions, the matmul conv gradient and Winograd's 3x3, the
+    folded class attention, GELU through erf: docs/performance.md);
     elsewhere "reference", whose whole-batch ops GPUs and TPUs run well."""
     if impl not in IMPLS:
         raise UserError(f"config.model.impl is {impl!r}: use one of {', '.join(IMPLS)}")

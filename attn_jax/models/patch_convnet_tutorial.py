@@ -14,11 +14,11 @@ Differences from the paper (implemented in `patch_convnet.py`): a two-conv stem 
 (not depthwise) 3x3 conv, squeeze-excite by Dense layers without bias at ratio 1/8, no layer-scale or
 drop-path, a LayerNorm over [cls; patches] before attention, and a Dense-GELU-Dense-GELU class MLP.
 Initialisers follow Keras (Glorot-uniform kernels, with Keras' fans for the attention's rank-3
-kernels: `keras_init.keras_glorot`; zero biases, zero class token) and GELU is exact (erf), as in
-`tf.nn.gelu`. The convolutions are `nn.Conv` and GELU is `exact_gelu` (the `conv` and `gelu` fields:
-`config.model.impl` may give `attn_jax.fast.Conv`, the same layer with a faster kernel gradient on CPU
-and the trunk's 3x3 in Winograd's F(4x4, 3x3), and `attn_jax.fast.gelu`, the same function through
-`erf`).
+kernels: `keras_init.keras_glorot`; zero biases, zero class token) and GELU is exact (the normal
+CDF, not the tanh approximation), as in `tf.nn.gelu`. The convolutions are `nn.Conv` and GELU is
+`exact_gelu` (the `conv` and `gelu` fields: `config.model.impl` may give `attn_jax.fast.Conv`, the
+same layer with a faster kernel gradient on CPU and the trunk's 3x3 in Winograd's F(4x4, 3x3), and
+`attn_jax.fast.gelu`, the same function through `erf`).
 
 The trunk's weights are shared (`tie_trunk`). The tutorial's `Trunk.build` makes ONE list of layers
 and wraps that same list `depth` times (`[keras.Sequential(trunk_block) for _ in
@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from attn_jax.models.keras_init import glorot, keras_glorot
@@ -99,7 +100,9 @@ class TrunkBlock(nn.Module):
         return x + y
 
 
-def class_attention(x, query: nn.Module, key: nn.Module, value: nn.Module, dropout: nn.Module):
+def reference_class_attention(x: jax.Array, query: nn.Module, key: nn.Module, value: nn.Module,
+                              dropout: Callable[[jax.Array], jax.Array]
+                              ) -> tuple[jax.Array, jax.Array]:
     """Keras' one-head MultiHeadAttention with the class token as the only query:
     x = [cls; patches] [B, N + 1, d] -> (attended [B, 1, heads=1, d], weights [B, 1, 1, N + 1]).
 
@@ -130,7 +133,7 @@ class AttentionPooling(nn.Module):
     mlp_dropout: float
     dtype: Dtype = jnp.float32
     gelu: Callable = exact_gelu
-    class_attention: Callable = class_attention
+    class_attention: Callable = reference_class_attention
 
     @nn.compact
     def __call__(self, patches, *, train: bool):
@@ -177,7 +180,7 @@ class PatchConvNetTutorial(nn.Module):
     dtype: Dtype = jnp.float32
     conv: ModuleDef = nn.Conv  # or attn_jax.fast.Conv (same parameters): config.model.impl
     gelu: Callable = exact_gelu  # or attn_jax.fast.gelu (the same function): config.model.impl
-    class_attention: Callable = class_attention  # or attn_jax.fast.folded_class_attention
+    class_attention: Callable = reference_class_attention  # or fast.folded_class_attention
 
     @nn.compact
     def __call__(self, images, *, train: bool):
