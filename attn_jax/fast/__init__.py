@@ -14,7 +14,7 @@ only the order and the grouping of the arithmetic differ:
   (`winograd.py`; its rounding differs more, about 3e-6 relative).
 - `gelu` (for the tutorial PatchConvNet's exact GELU, `nn.gelu(approximate=False)`): through `erf`
   instead of `erfc`, cheaper on XLA:CPU (`activations.py`; differs by under 1e-6 in absolute value).
-- `folded_class_attention` (for the tutorial PatchConvNet's `class_attention`): its key and value
+- `folded_class_attention` (for the tutorial PatchConvNet's `reference_class_attention`): its key and value
   projections folded into the one query, a product with one vector per example instead of a
   projection of every token (`class_attention.py`).
 - `threefry.use_unrolled_threefry_on_cpu`: JAX's random-bit hash without its rolled loop on CPU,

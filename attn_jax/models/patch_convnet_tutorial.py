@@ -15,10 +15,12 @@ Differences from the paper (implemented in `patch_convnet.py`): a two-conv stem 
 drop-path, a LayerNorm over [cls; patches] before attention, and a Dense-GELU-Dense-GELU class MLP.
 Initialisers follow Keras (Glorot-uniform kernels, with Keras' fans for the attention's rank-3
 kernels: `keras_init.keras_glorot`; zero biases, zero class token) and GELU is exact (the normal
-CDF, not the tanh approximation), as in `tf.nn.gelu`. The convolutions are `nn.Conv` and GELU is
-`exact_gelu` (the `conv` and `gelu` fields: `config.model.impl` may give `attn_jax.fast.Conv`, the
-same layer with a faster kernel gradient on CPU and the trunk's 3x3 in Winograd's F(4x4, 3x3), and
-`attn_jax.fast.gelu`, the same function through `erf`).
+CDF, not the tanh approximation), as in `tf.nn.gelu`. The convolutions are `nn.Conv`, GELU is
+`exact_gelu` and the pooling's attention `reference_class_attention` (the `conv`, `gelu` and
+`class_attention` fields: `config.model.impl` may give `attn_jax.fast.Conv`, the same layer with a
+faster kernel gradient on CPU and the trunk's 3x3 in Winograd's F(4x4, 3x3), `attn_jax.fast.gelu`,
+the same function through `erf`, and `attn_jax.fast.folded_class_attention`, the same attention with
+its key and value projections folded into its one query).
 
 The trunk's weights are shared (`tie_trunk`). The tutorial's `Trunk.build` makes ONE list of layers
 and wraps that same list `depth` times (`[keras.Sequential(trunk_block) for _ in
