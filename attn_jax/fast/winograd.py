@@ -75,6 +75,18 @@ def _combine(matrix: np.ndarray, parts: list[jax.Array]) -> list[jax.Array]:
     return rows
 
 
+def _on_both_axes(matrix: np.ndarray, x: jax.Array) -> jax.Array:
+    """M x M^T over x's two leading axes, for each index of the others: [k, k, ...] -> [r, r, ...]
+    for `matrix` M [r, k]."""
+    rows = jnp.stack(_combine(matrix, _split(x, 0)))  # [r, k, ...]
+    return jnp.stack(_combine(matrix, _split(rows, 1)), axis=1)
+
+
+def _tile_count(size: int) -> int:
+    """Output tiles along an axis of `size`: whole TILEs, the last one zero-padded."""
+    return -(-size // TILE)
+
+
 def _windows(x: jax.Array, axis: int, count: int) -> list[jax.Array]:
     """The SPAN elements of `count` overlapping windows TILE apart along `axis` (of length
     TILE * (count + 1)): SPAN arrays with `count` along `axis`, element i of every window in the
@@ -87,16 +99,14 @@ def _windows(x: jax.Array, axis: int, count: int) -> list[jax.Array]:
 
 def transform_kernel(kernel: jax.Array) -> jax.Array:
     """[3, 3, C, O] -> [36, C, O]: G k G^T for every channel pair."""
-    rows = _combine(G, _split(kernel, 0))  # 6 x [3, C, O]
-    u = [w for row in rows for w in _combine(G, _split(row, 0))]  # 36 x [C, O]
-    return jnp.stack(u)
+    return _on_both_axes(G, kernel).reshape(SPAN * SPAN, *kernel.shape[2:])
 
 
 def transform_input(x: jax.Array) -> tuple[jax.Array, int, int]:
     """[B, H, W, C] -> ([36, B * th * tw, C], th, tw): B^T d B for every 6x6 tile d of the input,
     zero-padded by one on each side (SAME) and up to whole output tiles; th x tw tiles."""
     _, height, width, _ = x.shape
-    th, tw = -(-height // TILE), -(-width // TILE)
+    th, tw = _tile_count(height), _tile_count(width)
     x = jnp.pad(x, ((0, 0), (1, TILE * (th + 1) - height - 1), (1, TILE * (tw + 1) - width - 1),
                     (0, 0)))
     rows = jnp.stack(_combine(BT, _windows(x, 1, th)))  # [6, B, th, W + pad, C]
@@ -107,29 +117,24 @@ def transform_input(x: jax.Array) -> tuple[jax.Array, int, int]:
 def transform_output(m: jax.Array, batch: int, th: int, tw: int, height: int,
                      width: int) -> jax.Array:
     """[36, B * th * tw, O] -> [B, H, W, O]: A^T m A for every tile, the tiles put side by side."""
-    m = m.reshape(SPAN, SPAN, batch, th, tw, m.shape[-1])
-    rows = jnp.stack(_combine(AT, _split(m, 0)))  # [4, 6, B, th, tw, O]
-    y = jnp.stack(_combine(AT, _split(rows, 1)), axis=1)  # [4, 4, B, th, tw, O]
+    y = _on_both_axes(AT, m.reshape(SPAN, SPAN, batch, th, tw, m.shape[-1]))  # [4, 4, B, th, tw, O]
     y = jnp.transpose(y, (2, 3, 0, 4, 1, 5)).reshape(batch, th * TILE, tw * TILE, -1)
     return y[:, :height, :width]
 
 
-def transform_output_transpose(dy: jax.Array, th: int, tw: int) -> jax.Array:
+def transform_output_transpose(dy: jax.Array) -> jax.Array:
     """`transform_output`'s transpose, [B, H, W, O] -> [36, B * th * tw, O]: A g A^T for every
     4x4 tile g of `dy`, zero-padded up to whole tiles."""
     batch, height, width, features = dy.shape
+    th, tw = _tile_count(height), _tile_count(width)
     dy = jnp.pad(dy, ((0, 0), (0, th * TILE - height), (0, tw * TILE - width), (0, 0)))
     g = jnp.transpose(dy.reshape(batch, th, TILE, tw, TILE, features), (2, 4, 0, 1, 3, 5))
-    rows = jnp.stack(_combine(AT.T, _split(g, 0)))  # [6, 4, B, th, tw, O]
-    dm = jnp.stack(_combine(AT.T, _split(rows, 1)), axis=1)  # [6, 6, B, th, tw, O]
-    return dm.reshape(SPAN * SPAN, -1, features)
+    return _on_both_axes(AT.T, g).reshape(SPAN * SPAN, -1, features)
 
 
 def transform_kernel_transpose(du: jax.Array) -> jax.Array:
     """`transform_kernel`'s transpose, [36, C, O] -> [3, 3, C, O]: G^T u G for every channel pair."""
-    du = du.reshape(SPAN, SPAN, *du.shape[1:])
-    rows = jnp.stack(_combine(G.T, _split(du, 0)))  # [3, 6, C, O]
-    return jnp.stack(_combine(G.T, _split(rows, 1)), axis=1)
+    return _on_both_axes(G.T, du.reshape(SPAN, SPAN, *du.shape[1:]))
 
 
 def _winograd_domain_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
@@ -168,8 +173,7 @@ def _conv3x3_bwd(residuals, dy):
     with the kernel turned 180 degrees and its channels swapped; the kernel's is the 36 matmuls of
     the input's and `dy`'s transforms, taken back by G^T . G."""
     v, kernel = residuals
-    _, height, width, _ = dy.shape
-    dm = transform_output_transpose(dy, -(-height // TILE), -(-width // TILE))  # [36, tiles, O]
+    dm = transform_output_transpose(dy)  # [36, tiles, O]
     dkernel = transform_kernel_transpose(_winograd_domain_dot(v, dm, (1, 1)))  # [36, C, O]
     dx = _conv3x3(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)))[0]
     return dx, dkernel
