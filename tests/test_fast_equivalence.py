@@ -108,6 +108,22 @@ def test_softmax_equals_jax_softmax(chunks, scale):
         jax.tree.map(close, got, expected)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_query_key_scores_equal_the_matmul(dtype):
+    """`fast.attention.query_key_scores`: q k^T's values and both gradients, in the inputs' dtype,
+    for a batch of heads with fewer keys than queries (so a swapped axis would not fit)."""
+    q, k, g = (jax.random.normal(jax.random.key(i), shape).astype(dtype)
+               for i, shape in enumerate([(2, 3, 5, 4), (2, 3, 7, 4), (2, 3, 5, 7)]))
+    got, got_vjp = jax.vjp(fast_attention.query_key_scores, q, k)
+    expected, expected_vjp = jax.vjp(lambda q, k: q @ k.swapaxes(-1, -2), q, k)
+    assert got.dtype == dtype and got.shape == (2, 3, 5, 7)
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype == jnp.bfloat16 else {}
+    for a, b in zip((got, *got_vjp(g)), (expected, *expected_vjp(g)), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32),
+                                   **(tolerance or {"rtol": 2e-5, "atol": 2e-5}))
+
+
 def test_softmax_of_bfloat16_is_computed_in_float32():
     """bfloat16 logits: the weights (returned in bfloat16) are float32's, rounded once."""
     logits = (40 + 3 * jax.random.normal(jax.random.key(0), (4, 64))).astype(jnp.bfloat16)
