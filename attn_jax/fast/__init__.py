@@ -8,7 +8,8 @@ only the order and the grouping of the arithmetic differ:
   Dense layers where that saves multiply-adds, and the attention computed a few examples at a time.
 - `chunked_dot_product_attention` (for `nn.dot_product_attention`, the ViT baseline's
   `attention_fn`): the [heads, N, N] weights computed a few examples at a time, in cache.
-  Both attentions' softmax (`attention.softmax`) keeps its log-sum-exp for the backward pass.
+  Both attentions' softmax (`attention.softmax`) keeps its log-sum-exp for the backward pass;
+  the self-attention's scores (`attention.query_key_scores`) have a backward laid out for XLA:CPU.
 - `Conv` (for `nn.Conv`): the kernel gradient as matrix multiplies, and a float32 SAME 3x3 of
   stride 1 (the tutorial PatchConvNet's trunk) in Winograd's F(4x4, 3x3), 4x fewer multiplies
   (`winograd.py`; its rounding differs more, about 3e-6 relative).

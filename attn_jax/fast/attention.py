@@ -6,7 +6,10 @@
   each example's weights from cache).
 - `chunked_dot_product_attention` is `nn.dot_product_attention` (as `nn.MultiHeadDotProductAttention`
   calls it: its `attention_fn`) a few examples at a time, in a heads-first layout, so the
-  [heads, N, N] weights of each chunk stay in cache.
+  [heads, N, N] weights of each chunk stay in cache. Its scores come from `query_key_scores`,
+  q k^T with the key's gradient computed as (q^T g)^T, which XLA:CPU runs in its fast dot
+  library where autodiff's g^T q ran in its generic one (the ViT train step 1.08x as fast, one
+  pinned core; docs/performance.md, seventh session).
 
 Both draw their dropout mask for the whole batch, from the same random key and of the same shape as
 the reference layer, before splitting it: the chunking does not change it, and the fast layer drops
