@@ -111,7 +111,7 @@ def test_softmax_equals_jax_softmax(chunks, scale):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_query_key_scores_equal_the_matmul(dtype):
     """`fast.attention.query_key_scores`: q k^T's values and both gradients, in the inputs' dtype,
-    for a batch of heads with fewer keys than queries (so a swapped axis would not fit)."""
+    for a batch of heads with more keys than queries (so a swapped axis would not fit)."""
     q, k, g = (jax.random.normal(jax.random.key(i), shape).astype(dtype)
                for i, shape in enumerate([(2, 3, 5, 4), (2, 3, 7, 4), (2, 3, 5, 7)]))
     got, got_vjp = jax.vjp(fast_attention.query_key_scores, q, k)
