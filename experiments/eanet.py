@@ -60,6 +60,9 @@ from ml_collections import config_dict
 
 from attn_jax.experiment import benchmark_settings, sibling_config
 
+# The arguments get_config accepts: `--config=experiments/eanet.py[:ARG]`.
+VARIANTS = (None, "smoke", "modern")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The tutorial recipe; `arg="smoke"` gives the small offline run, `arg="modern"` the modern

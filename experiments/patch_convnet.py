@@ -55,6 +55,9 @@ from ml_collections import config_dict
 
 from attn_jax.experiment import benchmark_settings
 
+# The arguments get_config accepts: `--config=experiments/patch_convnet.py[:ARG]`.
+VARIANTS = (None, "smoke", "modern")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The tutorial recipe; `arg="smoke"` gives the small offline run, `arg="modern"` the modern

@@ -40,6 +40,9 @@ import ml_collections
 
 from attn_jax.experiment import sibling_config
 
+# The arguments get_config accepts: `--config=experiments/patch_convnet_paper_cifar.py[:ARG]`.
+VARIANTS = (None, "smoke")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The tutorial's recipe with a paper-family PatchConvNet; `arg="smoke"` for the offline run."""

@@ -83,6 +83,9 @@ import ml_collections
 
 from attn_jax.experiment import sibling_config
 
+# The arguments get_config accepts: `--config=experiments/patch_convnet_s60_imagenet.py[:ARG]`.
+VARIANTS = (None, "paper", "smoke")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """S60 with DeiT's recipe on ImageNet-1k at 224 px; `arg`: "paper" (LAMB) or "smoke"."""

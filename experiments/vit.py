@@ -35,6 +35,9 @@ import ml_collections
 
 from attn_jax.experiment import sibling_config
 
+# The arguments get_config accepts: `--config=experiments/vit.py[:ARG]`.
+VARIANTS = (None, "smoke", "modern")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """EANet's config (tutorial recipe, `arg="smoke"` or `arg="modern"`) with self-attention."""
