@@ -2,8 +2,8 @@ r"""attn_jax against the Keras tutorials' own code, on the same machine, in alte
 
     python benchmarks/compare_keras.py --model=eanet --keras_python=/tmp/kerasenv/bin/python
 
-Each round runs the Keras anchor (`../shared/anchors/keras_tutorials.py`: the tutorial's model in
-Keras 3, `model.fit` on synthetic CIFAR-sized batches of 128) and then attn_jax's
+Each round runs the Keras anchor (`--anchor`, by default `../shared/anchors/keras_tutorials.py`: the
+tutorial's model in Keras 3, `model.fit` on synthetic CIFAR-sized batches of 128) and then attn_jax's
 `--mode=benchmark` train step on the same model, batch and dtype (float32), each in a fresh process,
 and records the ratio of their training images/s. The anchor asks for `jit_compile=True`, but Keras
 compiles with XLA only where every layer allows it: its in-model augmentation layers do not, so it

@@ -1,14 +1,13 @@
 #!/bin/bash
-# The GPU session's one command (issue "Prove it on a GPU"), run from the checkout's root on the
-# device machine with .whl/ and .gpu_data/ carried (benchmarks/gpu/prepare.sh makes them):
+# Trains and benchmarks attn_jax on a GPU machine in one command, run from the checkout's root there
+# with .whl/ and .gpu_data/ copied beside it (benchmarks/gpu/prepare.sh makes them):
 #
 #     bash benchmarks/gpu/device_run.sh            # results under $OUT
-#     (through the device tool: command "bash benchmarks/gpu/device_run.sh", carry [".whl", ".gpu_data"])
 #     QUICK=1 bash benchmarks/gpu/device_run.sh    # a rehearsal on CPU: tiny splits, 1 epoch
 #
 # In order, each stage under its own time limit so that a slow one cannot eat the next, and all of
-# them within DEADLINE_S seconds (default 560: the device tool stops a command at 600 s; a 10 s margin
-# is kept), a stage that would get under 30 s skipped and said so in $OUT/summary.txt:
+# them within DEADLINE_S seconds (default 560, for a machine that stops a command at 600 s; a 10 s
+# margin is kept), a stage that would get under 30 s skipped and said so in $OUT/summary.txt:
 #   1. the tutorial PatchConvNet, 50 epochs, bfloat16, the experiment's defaults, CIFAR-10 from the
 #      ArrayRecord copy (validation and test train[40000:]: there is no test split here);
 #   2. --mode=benchmark for the three tutorial models (bfloat16, steps_per_call 1 and 16; float32

@@ -1,13 +1,13 @@
 #!/bin/bash
 # Prepares what a GPU machine without TensorFlow, tensorflow-datasets or ml_collections needs to run
-# attn_jax (issue "Prove it on a GPU"): wheels for Python 3.12 in .whl/ and the ArrayRecord CIFAR-10
-# copy in .gpu_data/, both git-ignored, to be carried with the checkout (together about 55 MiB).
+# attn_jax: wheels for Python 3.12 in .whl/ and the ArrayRecord CIFAR-10 copy in .gpu_data/, both
+# git-ignored, to be copied with the checkout (together about 55 MiB).
 #
 #     bash benchmarks/gpu/prepare.sh [../shared/tfds_array_record]
 #
-# The packages are those attn_jax needs that the device image lacks (its list: the device tool's
-# KINDS.md): tfds and its missing requirements, ml_collections, array_record, grain, dm-pix,
-# tensorboardX. `promise` has no wheel on PyPI: it is built here (pure Python).
+# The packages are those attn_jax needs that such a machine's image lacks: tfds and its missing
+# requirements, ml_collections, array_record, grain, dm-pix, tensorboardX. `promise` has no wheel
+# on PyPI: it is built here (pure Python).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 data=${1:-../shared/tfds_array_record}
