@@ -171,8 +171,8 @@ def _export(modes, config) -> None:
     print(f"wrote {path}: the official PatchConvNet state_dict (torch.load, load_state_dict)")
 
 
-# --mode (but train) -> what it runs, a function of attn_jax.modes (imported only for them: it loads
-# the models) and the config.
+# Every --mode but train -> what it runs, a function of attn_jax.modes (imported only for these: it
+# loads the models) and of the config.
 MODES = {"eval": _evaluate, "attend": _attend, "import": _import, "export": _export,
          "summary": lambda modes, config: modes.summarize(config),
          "benchmark": lambda modes, config: modes.benchmark(config, _WORKDIR.value)}

@@ -11,7 +11,7 @@ checkpoints); `commands` gives the equivalent plain command lines for a cluster 
 (`--point`, `Point`) may run as its own job, many at once sharing DIR: a point writes only inside
 its own `DIR/<name>/` (its one-line error, if it fails, in `DIR/<name>/failed.json`), and only the
 sequential `run` and `--collect` write the shared report. `write_report` tabulates the finished
-points in `DIR/sweep.md` and `DIR/sweep.csv`; `states` says where every other point stands.
+points in `DIR/sweep.md` and `DIR/sweep.csv`; `state` says where every other point stands.
 """
 
 import contextlib
