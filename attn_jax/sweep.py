@@ -8,13 +8,15 @@ points that differ only in their seed form one group in the report (mean ± std 
 `run` launches `launch.py --sweep --point=<name>` once per point, each training in `DIR/<name>/`,
 skipping finished points (those with a `summary.json`) and resuming interrupted ones (from their
 checkpoints); `commands` gives the equivalent plain command lines for a cluster scheduler. One point
-(`--point`, `select`) may run as its own job, many at once sharing DIR: a point writes only inside
+(`--point`, `Point`) may run as its own job, many at once sharing DIR: a point writes only inside
 its own `DIR/<name>/` (its one-line error, if it fails, in `DIR/<name>/failed.json`), and only the
 sequential `run` and `--collect` write the shared report. `write_report` tabulates the finished
-points in `DIR/sweep.md` and `DIR/sweep.csv`; `states` says where every other point stands.
+points in `DIR/sweep.md` and `DIR/sweep.csv`; `state` says where every other point stands.
 """
 
+import contextlib
 import csv
+import dataclasses
 import io
 import json
 import shlex
@@ -89,6 +91,52 @@ def clear_failure(point_dir: Path) -> None:
     (point_dir / FAILED).unlink(missing_ok=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One sweep point trained by its own launch (`--sweep --point`) in `dir`, `WORKDIR/<name>`,
+    where the error line of a failed launch is recorded for `--collect`."""
+
+    overrides: dict  # as get_sweep() gives it: its name and config overrides
+    dir: Path
+
+    @classmethod
+    def select(cls, config_arg: str, which: str, workdir: Path) -> "Point":
+        """The point `which` names (an index in get_sweep() or a name), trained in `workdir`."""
+        point = select(config_arg, which)
+        return cls(point, workdir / point["name"])
+
+    @property
+    def name(self) -> str:
+        return self.overrides["name"]
+
+    @property
+    def hparams(self) -> dict:
+        """Its config overrides, by dotted key: {"model.dim": 8, "seed": 1}."""
+        return {k: v for k, v in self.overrides.items() if k != "name"}
+
+    def start(self) -> bool:
+        """Whether to train it, as the sequential sweep decides: a finished point is skipped; otherwise
+        process 0 says whether it starts or resumes and forgets the previous launch's failure."""
+        import jax
+
+        if (self.dir / "summary.json").exists():
+            print(f"sweep: {self.name} is finished, skipping", flush=True)
+            return False
+        if jax.process_index() == 0:
+            state = "resuming" if (self.dir / "checkpoints").exists() else "starting"
+            print(f"sweep: {state} {self.name}", flush=True)
+            clear_failure(self.dir)
+        return True
+
+    def record_failure(self, message: str) -> None:
+        """The error line of this launch into `DIR/<point>/failed.json` (process 0)."""
+        import jax
+
+        if jax.process_index() == 0:
+            with contextlib.suppress(OSError):  # a full disk, say: the console still has the line
+                record_failure(self.dir, message)
+
+
 def command(config_arg: str, workdir: Path, point: dict, extra: list[str]) -> list[str]:
     """The launch.py command line that trains `point` into `workdir/<name>`."""
     overrides = [f"--config.{k}={v}" for k, v in point.items() if k != "name"]
@@ -105,6 +153,18 @@ def point_command(config_arg: str, workdir: Path, point: dict, extra: list[str])
     """The launch.py command line that trains `point` as `--sweep --point` (a failure recorded)."""
     return [sys.executable, str(LAUNCH), f"--config={config_arg}", "--sweep",
             f"--point={point['name']}", f"--workdir={workdir}", *extra]
+
+
+def launch(config_arg: str, workdir: Path, extra: list[str], dry_run: bool, collect_only: bool) -> None:
+    """`launch.py --sweep` without --point: prints the number of points (to size an array job) and
+    their commands (`dry_run`), tabulates them (`collect_only`) or trains them in turn (`run`)."""
+    if dry_run:
+        lines = commands(config_arg, workdir, extra)
+        print(f"# {len(lines)} points: --point=0..{len(lines) - 1}", *lines, sep="\n")
+    elif collect_only:
+        collect(config_arg, workdir)
+    else:
+        run(config_arg, workdir, extra)
 
 
 def run(config_arg: str, workdir: Path, extra: list[str]) -> None:

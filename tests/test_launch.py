@@ -1,13 +1,87 @@
-"""launch.py as a user runs it: one-line errors with a non-zero status, the summary mode, and every
-mode run where TensorFlow is not installed."""
+"""launch.py as a user runs it: flags that do not go together, one-line errors with a non-zero status
+(recorded by a sweep point), the summary mode, and every mode run where TensorFlow is not installed."""
 
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from absl import flags
 from conftest import ROOT
 from PIL import Image
+
+import launch  # defines launch.py's flags on absl's FLAGS
+from attn_jax import cli, sweep
+from attn_jax.errors import UserError
+from attn_jax.workdir_lock import InUse
+
+EXPERIMENT = f"--config={ROOT / 'experiments' / 'eanet.py'}"  # it has a get_sweep()
+
+
+def _flag_error(*args: str) -> str | None:
+    """launch.check_flags on the command line `args`, parsed in this process."""
+    try:
+        return launch.check_flags(flags.FLAGS(["launch.py", EXPERIMENT, *args]))
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--workdir=W", "extra"], "unexpected arguments ['extra']: every option is a --flag"),
+    (["--workdir=W", "--dry_run"], "--dry_run only applies to --sweep (it prints the sweep's commands): "
+                                   "add --sweep or drop --dry_run"),
+    (["--workdir=W", "--point=0"], "--point only applies to --sweep: add --sweep or drop --point"),
+    (["--workdir=W", "--collect"], "--collect only applies to --sweep: add --sweep or drop --collect"),
+    (["--workdir=W", "--sweep", "--point=0", "--dry_run"],
+     "--point, --collect and --dry_run are alternatives: give one of them"),
+    (["--workdir=W", "--weights=x.pth"], "--weights only applies to --mode=import|export: drop it, or "
+                                         "use --config.init_from to start training from saved weights"),
+    (["--workdir=W", "--sweep", "--mode=eval"],
+     "--mode=eval does not apply to --sweep, which trains its points: drop one of them"),
+    (["--workdir=W", "--checkpoint=latest"], "--checkpoint only applies to --mode=eval|attend|export: "
+                                             "give one of those modes or drop --checkpoint"),
+    (["--workdir=W", "--params=ema"], "--params only applies to --mode=eval|attend|export: give one of "
+                                      "those modes or drop --params"),
+    (["--mode=summary", "--image=x.png"],
+     "--image only applies to --mode=attend: add --mode=attend or drop --image"),
+    (["--mode=eval"], "--workdir is required for --mode=eval"),
+    (["--sweep", "--collect"], "--workdir is required for --mode=train"),
+    (["--mode=import", "--workdir=FILE"], "--workdir=FILE is a file, not a directory: choose another "
+                                          "--workdir"),
+])
+def test_flags_that_do_not_go_together_are_one_line(tmp_path, args, line):
+    (tmp_path / "file").write_text("")
+    paths = {"W": str(tmp_path / "run"), "FILE": str(tmp_path / "file")}
+    for name, path in paths.items():
+        args = [a.replace(f"={name}", f"={path}") for a in args]
+        line = line.replace(f"={name}", f"={path}")
+    assert _flag_error(*args) == line
+
+
+@pytest.mark.parametrize("args", [
+    ["--workdir=W"], ["--mode=summary"], ["--mode=benchmark"],
+    ["--mode=eval", "--checkpoint=latest", "--params=ema", "--workdir=W"],
+    ["--mode=attend", "--image=a.png", "--image=b.png", "--checkpoint=20", "--workdir=W"],
+    ["--mode=export", "--weights=x.pth", "--params=ema", "--workdir=W"],
+    ["--sweep", "--mode=train", "--point=self-seed1", "--workdir=W"], ["--sweep", "--dry_run", "--workdir=W"],
+])
+def test_flags_that_go_together_pass(tmp_path, args):
+    assert _flag_error(*[a.replace("=W", f"={tmp_path / 'run'}") for a in args]) is None
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_point_launch_records_its_line_but_a_refused_one_does_not(tmp_path, capsys):
+    point = sweep.Point({"name": "a", "seed": 1}, tmp_path / "a")
+    with pytest.raises(SystemExit) as exited:
+        cli.exit_on_known_error(UserError("config.seed is -1: use an integer >= 0"), point)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: config.seed is -1: use an integer >= 0\n"
+    assert sweep.state(point.dir) == ("failed", "config.seed is -1: use an integer >= 0")
+    with pytest.raises(SystemExit):  # another launch trains the point: this one changes nothing
+        cli.exit_on_known_error(InUse("the workdir is in use"), point)
+    assert sweep.state(point.dir) == ("failed", "config.seed is -1: use an integer >= 0")
+    assert cli.exit_on_known_error(RuntimeError("a bug\nin the end"), point) is None  # re-raised
+    assert sweep.state(point.dir) == ("failed", "RuntimeError: in the end")
 
 
 def _launch(*args: str) -> subprocess.CompletedProcess:
@@ -45,6 +119,9 @@ def test_misspelled_config_key_is_one_line_and_exit_2():
     (["--config=experiments/patch_convnet.py", "--workdir=WORKDIR", "--dry_run"],
      "error: --dry_run only applies to --sweep (it prints the sweep's commands): add --sweep or "
      "drop --dry_run"),
+    (["--config=experiments/patch_convnet.py", "--workdir=WORKDIR", "--checkpoint=latest"],
+     "error: --checkpoint only applies to --mode=eval|attend|export: give one of those modes or drop "
+     "--checkpoint"),
 ])
 def test_bad_command_lines_are_one_line_before_any_work(tmp_path, args, line):
     paths = {"WORKDIR": str(tmp_path / "run"), "FILE": str(tmp_path / "a_file"),

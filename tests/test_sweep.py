@@ -1,5 +1,6 @@
-"""attn_jax/sweep.py through launch.py --sweep: a dry run, a sweep that skips, resumes and reports,
-points run as concurrent jobs (--point) gathered by --collect, and each run's HParams summary."""
+"""attn_jax/sweep.py through launch.py --sweep: a point's start and its recorded failure, a dry run,
+a sweep that skips, resumes and reports, points run as concurrent jobs (--point) gathered by
+--collect, and each run's HParams summary."""
 
 import os
 import signal
@@ -37,6 +38,25 @@ def _write_sweep_experiment(path, data_dir, count):
     path.write_text(textwrap.dedent(SWEEP_EXPERIMENT.format(
         base=str(ROOT / "experiments" / "patch_convnet.py"), data_dir=str(data_dir),
         small={**SMALL_RUN, "log_every_steps": 5}, count=count)))
+
+
+def test_a_point_starts_resumes_or_is_skipped_and_forgets_its_last_failure(tmp_path, capsys):
+    experiment = tmp_path / "exp.py"
+    experiment.write_text('def get_sweep(arg=None):\n'
+                          '    return [{"name": "a", "seed": 1}, {"name": "b", "model.dim": 8}]\n')
+    point = sweep.Point.select(str(experiment), "1", tmp_path / "sweep")
+    assert point.name == "b" and point.dir == tmp_path / "sweep" / "b"
+    assert point.hparams == {"model.dim": 8}
+    assert point.start()
+    point.record_failure("config.model.dim is 8: use a multiple of 3")
+    assert sweep.state(point.dir) == ("failed", "config.model.dim is 8: use a multiple of 3")
+    (point.dir / "checkpoints").mkdir()
+    assert point.start()
+    assert sweep.state(point.dir) == ("not started", "")  # no failure, no checkpoint step yet
+    (point.dir / "summary.json").write_text("{}")
+    assert not point.start()
+    assert capsys.readouterr().out.splitlines() == [
+        "sweep: starting b", "sweep: resuming b", "sweep: b is finished, skipping"]
 
 
 @pytest.mark.slow

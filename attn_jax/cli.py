@@ -1,0 +1,107 @@
+"""launch.py's command line as the user sees it fail: one `error: ...` line on stderr, an exit status.
+
+Status 2 is a fault of the input (a flag, the experiment file, a config value, a workdir: anything
+raised as a `UserError`), status 1 one of the run or the machine (a diverged loss, a full disk). A
+sweep point launched on its own (`--sweep --point`) also records its line in its directory, where
+`--collect` lists it.
+"""
+
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from absl import flags
+
+from attn_jax.errors import UserError, describe_environment_error, environment_error
+
+
+def fail(message: str, status: int = 2, point=None) -> NoReturn:
+    """Prints one error line and exits with `status`, recording the line in `point` (a sweep.Point)."""
+    if point is not None:
+        point.record_failure(message)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def exit_on_known_error(error: Exception, point=None) -> None:
+    """Exits with one line for a `UserError` (status 2) or a file-system fault under the run (a full
+    disk, a deleted or read-only folder: status 1). Any other error is recorded in `point` and
+    returns: the caller re-raises it, its traceback being the report."""
+    from attn_jax.workdir_lock import InUse
+
+    if isinstance(error, UserError):  # a refused launch (InUse) is no failure of the point
+        fail(str(error), point=None if isinstance(error, InUse) else point)
+    if (cause := environment_error(error)) is None:
+        if point is not None:
+            point.record_failure(f"{type(error).__name__}: "
+                                 f"{(str(error).strip().splitlines() or [''])[-1]}")
+        return
+    if point is not None:
+        point.record_failure(describe_environment_error(cause))
+    print(f"error: {describe_environment_error(cause)}", file=sys.stderr, flush=True)
+    os._exit(1)  # skip the teardown of orbax's failed writer threads, which prints tracebacks
+
+
+def exit_on_signals(mode: str) -> None:
+    """A SIGTERM or SIGINT stops --mode=`mode` (eval, attend, summary, benchmark) with one line and
+    status 128 + the signal: its outputs are written whole at its end (atomic renames), so nothing
+    half-written is left."""
+    def stop(signum, frame) -> None:
+        del frame
+        print(f"received {signal.Signals(signum).name} during --mode={mode}: stopped before its "
+              "results were written; nothing else changed", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing whose errors (a misspelled --config key among them) are one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(str(e).strip().splitlines()[0])
+    except OSError as e:  # the config file, when config_flags loads it while parsing
+        fail(describe_config_file_error(e))
+    except SyntaxError as e:
+        fail(f"--config: the experiment file {e.filename} has a syntax error at line {e.lineno}: "
+             f"{e.msg}")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        fail(_describe_override_error(argv, e))
+
+
+def describe_config_file_error(error: OSError) -> str:
+    """The line for an experiment file config_flags could not load."""
+    missing = re.search(r"Attempted.*?:\s*(\S+)\s*\[Errno 2\]", str(error), re.S)
+    if missing:
+        return f"--config: no such experiment file {missing.group(1)!r}"
+    return f"--config: cannot load the experiment file ({str(error).splitlines()[0]})"
+
+
+def _describe_override_error(argv: list[str], error: Exception) -> str:
+    text = str(error).replace("\\n", " ").replace("\\'", "'").strip("'\" ")
+    suggestion = re.search(r'Did you mean "([\w.]+)"', text)
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    flag = next((o for o in overrides if o.split(".")[-1] in text), None)
+    if flag and suggestion:
+        return f"{flag}: no such config key (did you mean {suggestion.group(1)!r}?)"
+    if flag:
+        return f"{flag}: no such config key or a bad value ({text})"
+    return f"bad --config: {text}"
+
+
+def workdir_error(workdir: str | None, mode: str) -> str | None:
+    """The line refusing `--workdir` unless it is (or can become) a writable directory, or None."""
+    if not workdir:
+        return f"--workdir is required for --mode={mode}"
+    path = Path(workdir)
+    if path.exists() and not path.is_dir():
+        return f"--workdir={path} is a file, not a directory: choose another --workdir"
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--workdir={path}: {existing} is not writable: choose another --workdir"
+    return None
