@@ -2,11 +2,11 @@
 and what it means. An experiment is `base()` plus its recipe's differences (experiments/*.py);
 `validate.check` takes its rules from `FIELDS` and `MODEL`, so a field and its rule stand together.
 
-The defaults are the two Keras tutorials' shared values (CIFAR-10 as Keras' `validation_split=0.2`
-splits it, batch 128, 50 epochs, AdamW 1e-3 / weight decay 1e-4 with Keras' eps, a warm-up-cosine
-schedule) with every technique of the modern stack off. The model section is the experiment's own
-(the set of its keys is recorded in each checkpoint): the base gives only `model.impl`, and `MODEL`
-holds the rules of the fields any model may have.
+The defaults are the Keras tutorials' (CIFAR-10 split as Keras' `validation_split=0.2` splits it,
+batch 128, 50 epochs, AdamW 1e-3 / weight decay 1e-4 with Keras' eps, PatchConvNet's warm-up-cosine
+schedule, flip, x / 255) with every technique of the modern stack off. The model section is the
+experiment's own (the set of its keys is recorded in each checkpoint): the base gives only
+`model.impl`, and `MODEL` holds the rules of the fields a model may have.
 
 Light on purpose: loading an experiment imports no JAX or TensorFlow.
 """
@@ -101,8 +101,8 @@ def _unset(kind: type, rule: Rule, doc: str) -> Field:
 FIELDS: dict[str, Field] = {
     "seed": Field(42, integer(0), "initialisation, dropout, augmentation and the data's order"),
     "init_from": _unset(str, text(), "start from saved weights: a workdir (its best checkpoint, or "
-                        "its latest) or DIR/checkpoints/STEP; the head starts afresh when the class "
-                        "count differs"),
+                        "its latest) or DIR/checkpoints/STEP (--mode=import makes one from the "
+                        "official weights); the head starts afresh when the class count differs"),
     "dtype": Field("float32", one_of("float32", "bfloat16", "auto"),
                    "the compute dtype; 'auto': bfloat16 on GPU/TPU, float32 on CPU"),
     "cpu_devices": Field("auto", auto_or_count(), "CPU hosts: JAX devices to split the cores into "
@@ -118,9 +118,9 @@ FIELDS: dict[str, Field] = {
     "steps_per_call": Field(1, integer(1), "train steps per jitted call (lax.scan): fewer "
                             "dispatches on GPU/TPU"),
     "unroll_steps": Field("auto", one_of("auto", "unroll", "loop"), "those steps as a loop or "
-                          "unrolled; 'auto' unrolls on CPU, where XLA runs a loop body slower "
-                          "(docs/performance.md), and loops on GPU/TPU, where unrolling multiplies "
-                          "the compile time"),
+                          "unrolled; 'auto' unrolls on CPU, where XLA runs a loop body at about "
+                          "half speed, and loops on GPU/TPU, where unrolling multiplies the "
+                          "compile time by steps_per_call"),
     "attention_every_epochs": Field(0, integer(0), "attention maps of the first attention_images "
                                     "validation images every this many epochs "
                                     "(DIR/attention/epoch_005.png, TensorBoard); 0: none"),
@@ -240,16 +240,18 @@ def _model_names() -> Rule:
 # The rules of the model fields, which each experiment sets (no defaults: a model's fields are its
 # recipe's, and the set of them is recorded in its checkpoints). A callable builds its rule lazily.
 MODEL: dict[str, Rule | Callable[[], Rule]] = {
-    "name": _model_names,
-    "attention": one_of("external", "self"),
-    "tie_trunk": BOOLEAN,
-    "gelu_approximate": BOOLEAN,
+    "name": _model_names,  # a model of attn_jax.models' registry
+    "attention": one_of("external", "self"),  # EANet's external attention, or the ViT baseline's
+    "tie_trunk": BOOLEAN,  # the tutorial PatchConvNet: one trunk block applied `depth` times
+    "gelu_approximate": BOOLEAN,  # EANet's MLP: tanh GELU (True) or exact, erf (False)
+    # sizes and counts
     **{k: integer(1) for k in ("dim", "depth", "se_ratio", "patch_size", "mlp_dim", "num_heads",
                                "dim_coefficient", "num_blocks", "memory_slots", "stem_convs")},
+    # rates, in training only
     **{k: FRACTION for k in ("attention_dropout", "mlp_dropout", "projection_dropout",
                              "drop_path_rate")},
-    "layer_scale_init": POSITIVE,
-    "mlp_ratio": POSITIVE,
+    "layer_scale_init": POSITIVE,  # the paper PatchConvNet's per-channel residual scale at init
+    "mlp_ratio": POSITIVE,  # the paper PatchConvNet's class-attention MLP width over dim
 }
 
 RULES: dict[str, Rule | Callable[[], Rule]] = {

@@ -12,12 +12,9 @@ resize 36 + random crop 32 in training) -> 8x8 = 64 patches, layer-scale init 1e
 0.05, class-MLP ratio 3 (the paper's), no attention dropout: 587,082 parameters, 0.025 G
 multiply-adds of convs and matmuls per image (the tutorial's model: 1,436,426 parameters with its
 shared trunk block, 2,174,986 untied, 0.271 G, 144 patches). The size was picked to train on a CPU,
-where XLA's depthwise convolution is slow (docs/performance.md).
+where XLA's depthwise convolution is slow.
 
     python launch.py --config=experiments/patch_convnet_paper_cifar.py --workdir=runs/paper_cifar
-
-The tutorial's published validation top-1 after epoch 1 is 37.8%; both schedules are still in
-their warm-up then.
 
 `:smoke`: scikit-learn's digits with the tutorial's :smoke data and batch; dim 64, depth 2, 3 stem
 convs -> 4x4 patches, no drop-path, and lr 3e-3 for 40 epochs rather than the tutorial smoke run's
