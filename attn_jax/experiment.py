@@ -1,12 +1,23 @@
-"""What experiment files use: loading one another by path (`experiments/` is a folder of files,
-not a package) and the benchmark's default knobs. Light on purpose: loading an experiment imports no
-JAX or TensorFlow."""
+"""What experiment files use besides the base config (attn_jax/config.py): loading one another by path
+(`experiments/` is a folder of files, not a package) and refusing a variant they do not have. Light
+on purpose: loading an experiment imports no JAX or TensorFlow."""
 
 import importlib.util
 import types
 from pathlib import Path
 
 import ml_collections
+
+from attn_jax import config as base_config
+from attn_jax.errors import UserError
+
+
+class UnknownVariant(UserError, KeyError):
+    """`--config=experiments/x.py:ARG` with an ARG the experiment lacks. A KeyError too, so that
+    config_flags passes it on whole (it rewraps a ValueError under a traceback)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def load_module(path: str | Path) -> types.ModuleType:
@@ -18,6 +29,14 @@ def load_module(path: str | Path) -> types.ModuleType:
     return module
 
 
+def check_variant(file: str, arg: str | None, variants: tuple[str | None, ...]) -> None:
+    """Refuses, in one line, an `arg` that is not among `variants` (the experiment's `VARIANTS`)."""
+    if arg not in variants:
+        names = [f"':{v}'" for v in variants if v is not None] + ["nothing"] * (None in variants)
+        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        raise UnknownVariant(f"{Path(file).name} has no variant {arg!r}: use {listed}")
+
+
 def sibling_config(file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """`get_config(arg)` of the experiment `name` in the folder of `file` (an experiment's
     `__file__`): how one experiment builds on another."""
@@ -25,21 +44,5 @@ def sibling_config(file: str, name: str, arg: str | None = None) -> ml_collectio
 
 
 def benchmark_settings() -> ml_collections.ConfigDict:
-    """The benchmark's knobs, an experiment's `config.benchmark` (so `--config.benchmark.x=...`
-    overrides them); none changes what is computed, only how long and how often it is timed."""
-    return ml_collections.ConfigDict({
-        "warmup": 2,  # untimed blocks of `steps` calls of each step before the timings
-        # more blocks (where freed host memory is kept), up to this many in all, until two in a row
-        # fault no memory in; warmup=0 turns both off
-        "warmup_max": 12,
-        "repeats": 5,  # timings per step; the median is reported
-        "steps": 3,  # calls per timing
-        "eval": True,  # also time the eval step
-        "matmul_sizes": (2048, 4096),  # CPU peak: square matmul sizes tried, the best one counts
-        "matmul_repeats": 5,
-        "pipeline": True,  # time the input pipeline and real-vs-synthetic training (needs the data)
-        "pipeline_batches": 100,  # batches of the streamed pipeline timed alone
-        "compare_steps": 5,  # train steps per round, real pipeline and synthetic each
-        "rounds": 4,  # alternating rounds of each; medians are compared
-        "profile_steps": 0,  # > 0 (needs --workdir): trace that many train steps, print the top ops
-    })
+    """The benchmark's knobs at their defaults: the base config's `benchmark` section."""
+    return base_config.base().benchmark

@@ -1,6 +1,6 @@
-"""Every config value is checked before any work (attn_jax/validate.py): each field of each
-experiment with a bad value gives one UserError naming it; a few end-to-end launches check the line,
-the exit status and that no workdir appears."""
+"""Every config value is checked before any work (attn_jax/validate.py, by the rules of
+attn_jax/config.py): each field of each experiment with a bad value gives one UserError naming it; a
+few end-to-end launches check the line, the exit status and that no workdir appears."""
 
 import math
 import subprocess
@@ -8,14 +8,10 @@ import sys
 
 import pytest
 from conftest import ROOT, load_experiment
+from test_experiments import EXPERIMENTS
 
 from attn_jax import validate
 from attn_jax.errors import UserError
-
-EXPERIMENTS = [("patch_convnet", None), ("patch_convnet", "smoke"), ("eanet", None),
-               ("eanet", "smoke"), ("vit", None), ("patch_convnet_paper_cifar", None),
-               ("patch_convnet_s60_imagenet", None), ("patch_convnet", "modern"),
-               ("eanet", "modern"), ("vit", "modern")]
 
 
 def _bad_values(value):
@@ -84,6 +80,18 @@ def test_an_unknown_field_is_refused():
         validate.check(config)
 
 
+@pytest.mark.parametrize("key", ["attention_images", "dataset.repeats", "ema.decay", "model.name"])
+def test_a_missing_field_is_refused(key):
+    """A config lacking a field of the base (or its model's name) is refused, so the code can read
+    every field without a default of its own."""
+    config = load_experiment("patch_convnet")
+    section, _, leaf = key.rpartition(".")
+    del (config[section] if section else config)[leaf]
+    with pytest.raises(UserError, match=rf"^config\.{key} is missing: build the experiment on "
+                                        r"attn_jax\.config\.base\(\)"):
+        validate.check(config)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("flag, line", [
     ("--config.num_epochs=-3", "error: config.num_epochs is -3: use an integer >= 1"),
@@ -121,7 +129,7 @@ def test_model_sizes_that_must_divide_are_checked_before_any_work(name, override
 
 @pytest.mark.parametrize("name", ["patch_convnet", "eanet", "vit"])
 def test_modern_recipes_train_the_tutorial_networks_with_the_stack(name):
-    """`:modern` (issue 18): the tutorial's network (its dropouts off) on CIFAR-10, with RandAugment,
+    """`:modern`: the tutorial's network (its dropouts off) on CIFAR-10, with RandAugment,
     Mixup/CutMix, label smoothing, an EMA and a warm-up-cosine schedule."""
     tutorial, modern = load_experiment(name), load_experiment(name, "modern")
     model = {k: v for k, v in modern.model.items() if "dropout" not in k}
