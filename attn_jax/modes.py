@@ -203,8 +203,7 @@ def load(path: str | Path, which: str = "best", params: str = "raw",
         saved = ckpt.restore_params(step, ema=params == "ema")
     finally:
         ckpt.close()
-    model, _, abstract = initial_state(config, train.create_mesh(), total_steps=1,
-                                                   abstract=True)
+    model, _, abstract = initial_state(config, train.create_mesh(), total_steps=1, abstract=True)
     merged, fresh = warm_start.merge_params(abstract.params, saved, f"{workdir} (step {step})")
     if fresh:
         raise UserError(f"{workdir} (step {step}) has another class count than the config "
