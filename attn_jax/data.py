@@ -503,6 +503,24 @@ def fits_in_host_memory(split: Split) -> bool:
     return split.nbytes <= host_memory_bytes() // 10
 
 
+def load_splits(config: ml_collections.ConfigDict) -> dict[str, Split]:
+    """A run's {"train", "val", "test"} splits (config.dataset's train_split, val_split,
+    test_split); the evaluation splits decoded into host memory once where they fit
+    (`fits_in_host_memory`), one copy when val and test are the same split (the training split is
+    put on the devices by the run's feed, `make_feed`)."""
+    by_name: dict[str, Split] = {}
+    splits = {}
+    for name in ("train", "val", "test"):
+        split_name = getattr(config.dataset, f"{name}_split")
+        if name == "train" or split_name not in by_name:
+            split = load_split(config.dataset, split_name)
+            if name != "train" and fits_in_host_memory(split):
+                split = split.in_memory()
+            by_name.setdefault(split_name, split)
+        splits[name] = split if name == "train" else by_name[split_name]
+    return splits
+
+
 # ---------------------------------------------------------------------------------------------
 # Feeding the training steps
 # ---------------------------------------------------------------------------------------------

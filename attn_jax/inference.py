@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from attn_jax import attention_maps, data, models, preprocess
+from attn_jax import attention_maps, data, preprocess, registry
 from attn_jax.errors import UserError
 
 
@@ -43,7 +43,7 @@ def predict(model, params, images: np.ndarray, preprocess_cfg: ml_collections.Co
 
 def has_attention_map(config: ml_collections.ConfigDict) -> bool:
     """Whether config's model returns an attention map, found abstractly (no weights, no data)."""
-    model = models.create_model(config, config.dataset.num_classes)
+    model = registry.create_model(config, config.dataset.num_classes)
     size = config.preprocess.size
     images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     (_, attention), _ = jax.eval_shape(functools.partial(model.init_with_output, train=False),

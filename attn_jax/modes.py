@@ -9,8 +9,9 @@
 - `load` (`attn_jax.load`): a saved model, its parameters and config, for notebooks.
 - `benchmark` (--mode=benchmark): how fast the steps and the input pipeline run (`attn_jax.bench`).
 
-This module uses the training package (`train.build_run` builds a run as training does); nothing
-there imports it.
+This module uses the training package (`train.build_run` builds a run as training does, and
+`state.initial_state` the train state, abstractly where a checkpoint or imported weights replace
+it); nothing there imports it.
 """
 
 import dataclasses
@@ -31,15 +32,17 @@ from attn_jax import (
     checkpoint,
     data,
     inference,
-    models,
+    registry,
     run_record,
     summary,
     train,
+    warm_start,
     workdir_lock,
 )
 from attn_jax.errors import UserError
 from attn_jax.interop import patch_convnet as official
 from attn_jax.interop import pth
+from attn_jax.state import initial_state, with_ema
 
 
 def summarize(config: ml_collections.ConfigDict) -> None:
@@ -47,7 +50,7 @@ def summarize(config: ml_collections.ConfigDict) -> None:
     the model's reference form (the fast layers have the same parameters, and folded memories that
     would count fewer FLOPs)."""
     num_classes = config.dataset.num_classes
-    model = models.create_model(config, num_classes, impl="reference")
+    model = registry.create_model(config, num_classes, impl="reference")
     size = config.preprocess.size
     print(f"model: {config.model.name} ({num_classes} classes)")
     print(summary.format_summary(model, (size, size, 3)))
@@ -77,8 +80,9 @@ def _restored_run(config: ml_collections.ConfigDict, workdir: Path, which: str, 
             raise UserError(f"--params=ema: the checkpoint at step {step} in {ckpt.directory} "
                             "holds no EMA of the parameters (its run had config.ema.decay = 0): "
                             "use --params=raw")
-        run = train.build_run(config, train.create_mesh() if mesh is None else mesh, workdir)
-        state, _ = ckpt.restore(step, train.with_ema(run.state, saved_ema),
+        run = train.build_run(config, train.create_mesh() if mesh is None else mesh, workdir,
+                              abstract=True)  # the checkpoint replaces every value
+        state, _ = ckpt.restore(step, with_ema(run.state, saved_ema),
                                 train.zero_sums(run.mesh), checkpoint.model_description(config))
         run.state = state.replace(params=state.ema_params) if params == "ema" else state
     finally:
@@ -120,15 +124,15 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str | Path, weigh
     if (workdir / "checkpoints").exists() or (workdir / run_record.RECORD).exists():
         raise UserError(f"{workdir} already holds a run: import into a new --workdir")
     state_dict = pth.read_state_dict(weights)
-    shapes = jax.eval_shape(lambda: _init(config))
-    params = official.to_params(state_dict, shapes, source=f"--weights={weights}")  # all or nothing
     mesh = train.create_mesh() if mesh is None else mesh
+    _, _, abstract = initial_state(config, mesh, total_steps=1, abstract=True)
+    params = official.to_params(state_dict, abstract.params,  # all or nothing
+                                source=f"--weights={weights}")
     with workdir_lock.hold(workdir):
         run_record.check_and_record(workdir, config, mesh, resuming=False)  # what `load` reads
         ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
         try:
-            _, _, state = train.initial_state(config, mesh, total_steps=1)
-            state = train.warm_state(state, params)
+            state = warm_start.warm_state(abstract, params)
             description = {**checkpoint.run_description(config),
                            "imported_from": str(Path(weights).absolute())}
             ckpt.save(state, train.zero_sums(mesh), description)
@@ -136,14 +140,6 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str | Path, weigh
         finally:
             ckpt.close()
     return ckpt.directory / "0"
-
-
-def _init(config: ml_collections.ConfigDict):
-    """The model's initial parameters (for their shapes: under `jax.eval_shape`)."""
-    model = models.create_model(config, config.dataset.num_classes)
-    size = config.preprocess.size
-    images = jax.numpy.zeros((1, size, size, 3), jax.numpy.float32)
-    return model.init(jax.random.key(0), images, train=False)["params"]
 
 
 def export_weights(config: ml_collections.ConfigDict, workdir: str | Path, weights: str | Path,
@@ -207,9 +203,8 @@ def load(path: str | Path, which: str = "best", params: str = "raw",
         saved = ckpt.restore_params(step, ema=params == "ema")
     finally:
         ckpt.close()
-    model = models.create_model(config, config.dataset.num_classes)
-    merged, fresh = train.merge_params(jax.eval_shape(lambda: _init(config)), saved,
-                                       f"{workdir} (step {step})")
+    model, _, abstract = initial_state(config, train.create_mesh(), total_steps=1, abstract=True)
+    merged, fresh = warm_start.merge_params(abstract.params, saved, f"{workdir} (step {step})")
     if fresh:
         raise UserError(f"{workdir} (step {step}) has another class count than the config "
                         f"({', '.join(fresh)}): load it with its own config")

@@ -4,7 +4,7 @@ reference layers, timed on the same train step.
     python benchmarks/compare_chunking.py --config=experiments/vit.py --rounds=6
 
 Builds the experiment's train step twice in one process, once from the model's reference layers
-(`models.create_model(..., impl="reference")`) and once from its fast ones (`impl="fast"`; the same
+(`registry.create_model(..., impl="reference")`) and once from its fast ones (`impl="fast"`; the same
 parameters and function), and times one step of each in turn per round on the same synthetic
 batch. A shared machine's speed drifts, so only the per-round ratios are compared; their median is
 the figure.

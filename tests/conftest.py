@@ -212,12 +212,13 @@ def run_steps(config, mesh, batches):
     classes), and the eval metrics of the last state on the first batch."""
     import jax
 
-    from attn_jax import data, models, train
+    from attn_jax import data, optimizer, registry, train
+    from attn_jax.state import create_train_state
 
-    model = models.create_model(config, 10)
-    schedule = train.create_learning_rate_fn(config.optimizer, 10)
-    tx = train.create_optimizer(config.optimizer, schedule)
-    state = train.create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh)
+    model = registry.create_model(config, 10)
+    schedule = optimizer.create_learning_rate_fn(config.optimizer, 10)
+    tx = optimizer.create_optimizer(config.optimizer, schedule)
+    state = create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh)
     train_fn, eval_fn = train.jit_steps(config, mesh)
     losses = []
     for batch in batches:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import load_experiment
 
-from attn_jax import bench, models, summary, train
+from attn_jax import bench, registry, summary, train
 from attn_jax.bench import flops, host, peaks, profile, steps
 from attn_jax.bench.compilations import count_compilations
 from attn_jax.fast import chunking
@@ -36,7 +36,7 @@ def test_benchmark_reports_speed_flops_mfu_and_the_input_pipeline(tmp_path, tiny
     assert json.loads((tmp_path / "benchmark.json").read_text()) == json.loads(json.dumps(report))
     # The steps are compiled once each, as in a training run.
     assert report["compilations"] == {"jit(train_step)": 1, "jit(eval_step)": 1}
-    forward = flops.model_flops(models.create_model(config, 10, impl="reference"), (16, 16, 3))
+    forward = flops.model_flops(registry.create_model(config, 10, impl="reference"), (16, 16, 3))
     for name, passes in (("train", 3), ("eval", 1)):
         r = report[name]
         assert r["model_flops_per_image"] == pytest.approx(passes * forward)
@@ -100,7 +100,7 @@ def test_warm_up_continues_until_two_blocks_fault_no_memory_in(monkeypatch, warm
 
 
 def test_model_flops_are_the_summary_multiply_adds_doubled(tiny_config):
-    model = models.create_model(tiny_config(), 10)
+    model = registry.create_model(tiny_config(), 10)
     shape = (16, 16, 3)
     macs = summary.forward_macs(model, summary.abstract_variables(model, shape), shape)
     # dim 16, 16x16 input: stem 3x3 s2 3->8 on 8x8 and 8->16 on 4x4, then the trunk and pooling.

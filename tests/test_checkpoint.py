@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import ROOT, digits_config, preempted_when, tutorial_trunk_config
 
-from attn_jax import checkpoint, models, modes, train
+from attn_jax import checkpoint, modes, registry, train
 from attn_jax.bench.compilations import count_compilations
 from attn_jax.errors import UserError
 
@@ -381,7 +381,7 @@ def test_checkpoint_of_the_other_trunk_variant_is_refused(tmp_path):
     """checkpoint.model_description holds config.model, so tie_trunk must agree to restore."""
     images = jnp.zeros((1, 16, 16, 3))
     configs = {t: tutorial_trunk_config(t) for t in (True, False)}
-    states = {t: _State(jnp.array(1), models.create_model(c, 10).init(
+    states = {t: _State(jnp.array(1), registry.create_model(c, 10).init(
         jax.random.key(0), images, train=False)["params"]) for t, c in configs.items()}
     sums = {"count": jnp.zeros(())}
     for saved, other in ((True, False), (False, True)):
@@ -404,7 +404,7 @@ def test_checkpoint_from_before_tie_trunk_restores_as_untied_only(tmp_path):
     """A description without model.tie_trunk was saved by the untied model, the only one then."""
     images = jnp.zeros((1, 16, 16, 3))
     configs = {t: tutorial_trunk_config(t) for t in (True, False)}
-    states = {t: _State(jnp.array(1), models.create_model(c, 10).init(
+    states = {t: _State(jnp.array(1), registry.create_model(c, 10).init(
         jax.random.key(0), images, train=False)["params"]) for t, c in configs.items()}
     sums = {"count": jnp.zeros(())}
     old = checkpoint.model_description(configs[False])

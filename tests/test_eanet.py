@@ -11,9 +11,10 @@ import pytest
 from conftest import load_experiment
 from initialisers import check_initialisers, keras_glorot_bound
 
-from attn_jax import models, summary
+from attn_jax import registry, summary
 from attn_jax.errors import UserError
-from attn_jax.models import eanet, get_model
+from attn_jax.models import eanet
+from attn_jax.registry import get_model
 from attn_jax.summary import abstract_variables, total_params
 
 TUTORIAL = dict(num_classes=100, patch_size=2, dim=64, mlp_dim=64, num_heads=4, dim_coefficient=4,
@@ -173,16 +174,24 @@ def test_initialisers_match_keras(attention):
 
 
 def test_bad_config_raises_user_error():
-    with pytest.raises(UserError, match="attention"):
+    """The model refuses a bad field with a ValueError; built from a config (the registry), the
+    same message is the user's one-line error."""
+    with pytest.raises(ValueError, match="attention"):
         eanet.EANet(**{**TINY, "attention": "linear"})
-    with pytest.raises(UserError, match="num_heads"):
+    with pytest.raises(ValueError, match="num_heads"):
         eanet.EANet(**{**TINY, "num_heads": 3})
+    with pytest.raises(UserError, match=r"^unknown attention 'linear': set config\.model\.attention "
+                                        r"to one of external, self$"):
+        get_model("eanet", **{**TINY, "attention": "linear"})
+    with pytest.raises(UserError, match=r"^dim 16 is not divisible by num_heads 3: set "
+                                        r"config\.model\.dim to a multiple of config\.model\.num_heads$"):
+        get_model("eanet", **{**TINY, "num_heads": 3})
 
 
 @pytest.mark.parametrize("experiment, expected", [("eanet", 361_380), ("vit", 623_268)])
 def test_experiment_parameter_counts(experiment, expected):
     config = load_experiment(experiment)
-    model = models.create_model(config, config.dataset.num_classes)
+    model = registry.create_model(config, config.dataset.num_classes)
     size = config.preprocess.size
     assert summary.total_params(model, (size, size, 3)) == expected
 

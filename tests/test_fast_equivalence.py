@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import load_experiment
 
-from attn_jax import fast, models
+from attn_jax import fast, registry
 from attn_jax.fast import attention as fast_attention
 from attn_jax.fast import chunking
 from attn_jax.models import eanet, patch_convnet_tutorial
@@ -244,7 +244,7 @@ def test_tutorial_models_fast_equals_reference(in_chunks, name):
     config = load_experiment(name)
     config.model.update(TUTORIAL_MODELS[name])
     size = 16
-    reference, candidate = (models.create_model(config, 10, impl=impl)
+    reference, candidate = (registry.create_model(config, 10, impl=impl)
                             for impl in ("reference", "fast"))
     x = jax.random.uniform(jax.random.key(0), (jax.device_count(), size, size, 3))
     assert_same_function(reference, candidate, x,  # the tutorial trunk's 3x3 is Winograd's
@@ -255,7 +255,7 @@ def test_paper_model_fast_equals_reference():
     config = load_experiment("patch_convnet_paper_cifar")
     config.model.update(dim=16, depth=2, drop_path_rate=0.5, attention_dropout=0.3,
                         layer_scale_init=0.5)  # so the dropouts show
-    reference, candidate = (models.create_model(config, 10, impl=impl)
+    reference, candidate = (registry.create_model(config, 10, impl=impl)
                             for impl in ("reference", "fast"))
     x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
     assert_same_function(reference, candidate, x)

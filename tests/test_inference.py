@@ -7,7 +7,7 @@ import pytest
 from conftest import digits_config, inches_to_pixels, load_experiment, png_size
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from attn_jax import attention_maps, data, inference, models, train
+from attn_jax import attention_maps, data, inference, registry, train
 from attn_jax.errors import UserError
 
 # A tiny PatchConvNet on 480 digits (16x16 inputs -> 4x4 = 16 patches), 2 epochs, a grid of 6
@@ -68,7 +68,7 @@ def test_attention_sums_to_one_over_the_patches(digits_data_dir):
     split = data.load_split(config.dataset, OVERRIDES["dataset.val_split"])
     images, labels = inference.fixed_images(split, 6)
     assert images.shape == (6, 32, 32, 3) and labels.shape == (6,)
-    model = models.create_model(config, 10)
+    model = registry.create_model(config, 10)
     params = jax.jit(model.init, static_argnames="train")(
         jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32), train=False)["params"]
     probs, attention = inference.predict(model, params, images, config.preprocess)

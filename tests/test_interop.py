@@ -34,8 +34,10 @@ from attn_jax import modes, train
 from attn_jax.errors import UserError
 from attn_jax.interop import patch_convnet as official
 from attn_jax.interop import pth
-from attn_jax.models import create_model
 from attn_jax.models import patch_convnet as pc
+from attn_jax.registry import create_model
+from attn_jax.state import initial_state
+from attn_jax.warm_start import warm_start
 
 DATA = Path(__file__).parent / "data"
 
@@ -390,8 +392,8 @@ def test_init_from_keeps_every_parameter_but_a_new_head(imported):
     tmp, sd, _ = imported
     config = with_overrides(smoke_config(10), {"preprocess.size": 48, "ema.decay": 0.99})
     mesh = train.create_mesh()
-    _, _, fresh = train.initial_state(config, mesh, total_steps=10)
-    state, note = train.warm_start(fresh, str(tmp / "run"))
+    _, _, fresh = initial_state(config, mesh, total_steps=10)
+    state, note = warm_start(fresh, str(tmp / "run"))
     assert "head starts afresh" in note and "['head']['kernel']" in note
     loaded = official.to_state_dict(jax.device_get(state.params) | {"head": jax.device_get(
         {"kernel": np.zeros((32, 1000), np.float32), "bias": np.zeros(1000, np.float32)})})
@@ -408,11 +410,11 @@ def test_init_from_keeps_every_parameter_but_a_new_head(imported):
 def test_init_from_another_model_is_one_error(imported):
     tmp, _, _ = imported
     config = with_overrides(smoke_config(10), {"model.depth": 3})
-    _, _, fresh = train.initial_state(config, train.create_mesh(), total_steps=10)
+    _, _, fresh = initial_state(config, train.create_mesh(), total_steps=10)
     with pytest.raises(UserError, match=r"\['block_2'\].* is missing there"):
-        train.warm_start(fresh, str(tmp / "run"))
+        warm_start(fresh, str(tmp / "run"))
     with pytest.raises(UserError, match="neither a workdir with checkpoints nor a checkpoint"):
-        train.warm_start(fresh, str(tmp / "nowhere"))
+        warm_start(fresh, str(tmp / "nowhere"))
 
 
 @pytest.mark.slow

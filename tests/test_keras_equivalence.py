@@ -39,7 +39,7 @@ if int(keras.__version__.split(".")[0]) < 3 or keras.backend.backend() != "jax":
 
 import keras_ports  # noqa: E402
 
-from attn_jax import models, summary, train  # noqa: E402
+from attn_jax import registry, summary, train  # noqa: E402
 
 NUM_CLASSES = 10
 LOGIT_TOL = 1e-5
@@ -204,7 +204,7 @@ def patch_convnet_pair(tie: bool) -> Pair:
     images = _images(16)  # -> 4 x 4 = 16 patches
     keras_model(images[:1])  # builds the weights
     randomise(keras_model, seed=2)
-    model = models.create_model(config, NUM_CLASSES, impl="reference")  # fast: its own test
+    model = registry.create_model(config, NUM_CLASSES, impl="reference")  # fast: its own test
     mapping = patch_convnet_mapping(keras_model, tie)
     params = model.init(jax.random.key(0), images[:1], train=False)["params"]
     params = copy_weights(keras_model, mapping, params)
@@ -233,7 +233,7 @@ def eanet_pair(experiment: str, **fields) -> Pair:
         attention_dropout=0.0, projection_dropout=0.0, gelu_approximate=c.gelu_approximate,
         logits=True, record=record)
     randomise(keras_model, seed=3)
-    model = models.create_model(config, NUM_CLASSES, impl="reference")  # fast: its own test
+    model = registry.create_model(config, NUM_CLASSES, impl="reference")  # fast: its own test
     images = _images(16)  # 2x2 patches -> 64 tokens
     mapping = eanet_mapping(record, c.attention)
     params = model.init(jax.random.key(0), images[:1], train=False)["params"]
@@ -397,7 +397,7 @@ def test_tutorial_patch_convnet_parameter_count_equals_the_keras_port(tie):
     size = config.preprocess.size
     keras_model(keras.KerasTensor((1, size, size, 3)))  # builds the weights, computes nothing
     expected = _count(keras_model.trainable_variables)
-    assert summary.total_params(models.create_model(config, 10), (size, size, 3)) == expected
+    assert summary.total_params(registry.create_model(config, 10), (size, size, 3)) == expected
     assert expected == (1_436_426 if tie else 2_174_986)  # reference-models.md
 
 
@@ -406,5 +406,5 @@ def test_tutorial_patch_convnet_parameter_count_equals_the_keras_port(tie):
 def test_tutorial_eanet_parameter_count_equals_the_keras_port(experiment, attention):
     config = load_experiment(experiment)
     keras_model = keras_ports.eanet(attention)  # the tutorial's hyper-parameters
-    assert summary.total_params(models.create_model(config, 100), (32, 32, 3)) == \
+    assert summary.total_params(registry.create_model(config, 100), (32, 32, 3)) == \
         _count(keras_model.trainable_variables)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from attn_jax import attention_maps, checkpoint, modes, train
 from attn_jax.errors import UserError
+from attn_jax.state import has_ema, with_ema
 
 # A tiny PatchConvNet on the digits (16x16 inputs -> 4x4 = 16 patches).
 OVERRIDES = {"dataset.train_split": "train[:64]", "dataset.val_split": "train[1150:1214]",
@@ -69,13 +70,13 @@ def test_params_ema_evaluates_the_average_and_needs_one(saved, digits_data_dir, 
     config = _config(digits_data_dir)
     config.ema.decay = 0.9
     run = train.build_run(config, train.create_mesh(), tmp_path)
-    assert train.has_ema(run.state)
+    assert has_ema(run.state)
     ckpt = checkpoint.Checkpointer(tmp_path, config.checkpoint.keep)
     ckpt.save(run.state, train.zero_sums(run.mesh), checkpoint.model_description(config))
     ckpt.wait()
     with pytest.raises(UserError, match=r"saved with an EMA of the parameters and this config has "
                                         r"none: set config.ema.decay"):
-        ckpt.restore(0, train.with_ema(run.state, False), train.zero_sums(run.mesh),
+        ckpt.restore(0, with_ema(run.state, False), train.zero_sums(run.mesh),
                      checkpoint.model_description(config))
     ckpt.close()
     raw = modes.evaluate_checkpoint(_config(digits_data_dir), str(tmp_path), "latest")

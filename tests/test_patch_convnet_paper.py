@@ -10,9 +10,9 @@ import pytest
 from initialisers import check_initialisers, torch_conv_bound
 
 from attn_jax import summary
-from attn_jax.models import get_model
 from attn_jax.models import patch_convnet as pc
-from attn_jax.weight_decay import decay_mask
+from attn_jax.optimizer import decay_mask
+from attn_jax.registry import get_model
 
 IMAGE = (224, 224, 3)
 # Published (Touvron et al. 2021, table of the paper): params (M) and GFLOPs (multiply-adds).

@@ -10,7 +10,7 @@ import pytest
 from conftest import load_experiment, tutorial_trunk_config
 from initialisers import check_initialisers, keras_glorot_bound
 
-from attn_jax import models, modes, summary
+from attn_jax import modes, registry, summary
 
 
 def test_the_experiment_builds_the_tied_trunk_the_tutorial_trained():
@@ -22,7 +22,7 @@ def test_the_experiment_builds_the_tied_trunk_the_tutorial_trained():
 def test_parameter_count_matches_the_tutorial(tie_trunk, expected):
     config = load_experiment("patch_convnet")
     config.model.tie_trunk = tie_trunk
-    model = models.create_model(config, config.dataset.num_classes)
+    model = registry.create_model(config, config.dataset.num_classes)
     assert summary.total_params(model, (48, 48, 3)) == expected
 
 
@@ -43,9 +43,9 @@ def test_summary_names_every_module_and_the_total(capsys):
 def test_summary_of_the_untied_trunk():
     config = load_experiment("patch_convnet")
     config.model.tie_trunk = False
-    tied_text = summary.format_summary(models.create_model(load_experiment("patch_convnet"), 10),
+    tied_text = summary.format_summary(registry.create_model(load_experiment("patch_convnet"), 10),
                                        (48, 48, 3))
-    text = summary.format_summary(models.create_model(config, 10), (48, 48, 3))
+    text = summary.format_summary(registry.create_model(config, 10), (48, 48, 3))
     assert text.splitlines()[-1] == "total params: 2,174,986"
     assert text.splitlines()[-2] == "trunk: 2 independent blocks (tie_trunk=False)"
     assert "TrunkBlock_1/Conv_1" in text and "TrunkBlock_shared" not in text
@@ -55,8 +55,8 @@ def test_summary_of_the_untied_trunk():
 
 def test_untied_parameter_tree_is_unchanged_and_tied_has_one_block():
     images = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
-    untied = models.create_model(tutorial_trunk_config(False, depth=3), 10)
-    tied = models.create_model(tutorial_trunk_config(True, depth=3), 10)
+    untied = registry.create_model(tutorial_trunk_config(False, depth=3), 10)
+    tied = registry.create_model(tutorial_trunk_config(True, depth=3), 10)
     untied_params = jax.eval_shape(lambda x: untied.init(jax.random.key(0), x, train=False),
                                    images)["params"]
     tied_params = jax.eval_shape(lambda x: tied.init(jax.random.key(0), x, train=False),
@@ -72,7 +72,7 @@ def test_untied_parameter_tree_is_unchanged_and_tied_has_one_block():
 @pytest.mark.slow  # three models' compilations: 12 s
 def test_tied_trunk_is_the_untied_one_with_every_block_equal():
     """The tied model computes exactly the untied model whose blocks all hold the shared weights."""
-    tied, untied = (models.create_model(tutorial_trunk_config(t), 10) for t in (True, False))
+    tied, untied = (registry.create_model(tutorial_trunk_config(t), 10) for t in (True, False))
     images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
     params = tied.init(jax.random.key(1), images, train=False)["params"]
     params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape), params)
@@ -100,7 +100,7 @@ def test_tied_trunk_is_the_untied_one_with_every_block_equal():
 def test_shapes_and_attention_map():
     config = load_experiment("patch_convnet")
     config.model.dim = 32
-    model = models.create_model(config, 10)
+    model = registry.create_model(config, 10)
     images = jax.random.uniform(jax.random.key(0), (3, 48, 48, 3))
     variables = model.init(jax.random.key(1), images, train=False)
     # Randomise the zero-initialised class token so the attention is not uniform.
@@ -119,7 +119,7 @@ def test_shapes_and_attention_map():
 def test_dropout_only_in_training():
     config = load_experiment("patch_convnet")
     config.model.dim = 16
-    model = models.create_model(config, 10)
+    model = registry.create_model(config, 10)
     images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
     variables = model.init(jax.random.key(1), images, train=False)
     apply = jax.jit(model.apply, static_argnames="train")
@@ -146,7 +146,7 @@ def keras_init(keys, shape, parent):
 def test_initialisers_match_keras(tie_trunk):
     config = tutorial_trunk_config(tie_trunk)
     config.model.dim = 32
-    model = models.create_model(config, 10)
+    model = registry.create_model(config, 10)
     params = jax.jit(functools.partial(model.init, train=False))(
         jax.random.key(0, impl="rbg"), jnp.zeros((1, 16, 16, 3)))["params"]
     assert check_initialisers(params, keras_init).keys() == {"uniform"}

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import pytest
 from conftest import load_experiment
 
-from attn_jax import models, summary
-from attn_jax.models import get_model
+from attn_jax import registry, summary
+from attn_jax.registry import get_model
 
 XLA_LINE = "forward FLOPs per image (XLA cost analysis: all ops, multiply-add = 2): "
 PAPER_LINE = "forward FLOPs per image (paper convention: multiply-adds of convs and matmuls): "
@@ -37,7 +37,7 @@ def test_format_summary_prints_both_flop_conventions():
 def test_paper_cifar_experiment_builds(arg, patches):
     config = load_experiment("patch_convnet_paper_cifar", arg)
     assert config.model.name == "patch_convnet"
-    model = models.create_model(config, config.dataset.num_classes)
+    model = registry.create_model(config, config.dataset.num_classes)
     size = config.preprocess.size
     assert summary.total_params(model, (size, size, 3)) > 0
     variables = summary.abstract_variables(model, (size, size, 3))
@@ -80,7 +80,7 @@ def _eanet_macs(attention: str, size=32, p=2, d=64, mlp=64, heads=4, coef=4, blo
 def test_tutorial_models_count_exactly_their_multiply_adds(name, expected):
     """The paper-convention count is exact: every conv and matmul of the reference form, no more."""
     config = load_experiment(name)
-    model = models.create_model(config, config.dataset.num_classes, impl="reference")
+    model = registry.create_model(config, config.dataset.num_classes, impl="reference")
     image = (config.preprocess.size, config.preprocess.size, 3)
     variables = summary.abstract_variables(model, image)
     assert summary.forward_macs(model, variables, image) == expected

@@ -13,9 +13,11 @@ import tensorflow_datasets as tfds
 from conftest import load_experiment, random_batches, run_steps
 from jax.sharding import NamedSharding, PartitionSpec
 
-from attn_jax import data, models, train
+from attn_jax import data, optimizer, registry, train
 from attn_jax.bench import steps
 from attn_jax.errors import UserError
+from attn_jax.run_guard import DispatchQueue
+from attn_jax.state import EmaTrainState, TrainState, create_train_state, has_ema, update_ema
 
 
 @pytest.mark.slow
@@ -67,14 +69,14 @@ def test_evaluation_counts_every_example_once(tiny_config):
 
 def test_learning_rate_schedule_corners(tiny_config):
     cfg = tiny_config().optimizer  # warm-up over 15%, peak 1e-3, cosine to 0
-    schedule = train.create_learning_rate_fn(cfg, total_steps=1000)
+    schedule = optimizer.create_learning_rate_fn(cfg, total_steps=1000)
     assert float(schedule(0)) == 0.0
     np.testing.assert_allclose(float(schedule(75)), 0.5e-3, rtol=1e-6)  # half-way up
     np.testing.assert_allclose(float(schedule(150)), 1e-3, rtol=1e-6)  # peak at 15%
     np.testing.assert_allclose(float(schedule(575)), 0.5e-3, rtol=1e-5)  # half-way down
     assert float(schedule(1000)) == pytest.approx(0.0, abs=1e-12)
     cfg.schedule = "constant"
-    constant = train.create_learning_rate_fn(cfg, total_steps=1000)
+    constant = optimizer.create_learning_rate_fn(cfg, total_steps=1000)
     assert float(constant(0)) == float(constant(999)) == 1e-3
 
 
@@ -82,7 +84,7 @@ def test_learning_rate_schedule_corners(tiny_config):
 def test_weight_decay_conventions(tiny_config, mode, factor):
     cfg = tiny_config().optimizer
     cfg.weight_decay, cfg.weight_decay_mode, cfg.eps = 1e-2, mode, 1e-7
-    tx = train.create_optimizer(cfg, optax.constant_schedule(0.5))
+    tx = optimizer.create_optimizer(cfg, optax.constant_schedule(0.5))
     params = {"w": jnp.ones(3)}
     updates, _ = tx.update({"w": jnp.zeros(3)}, tx.init(params), params)  # no gradient: decay only
     np.testing.assert_allclose(optax.apply_updates(params, updates)["w"], factor, rtol=1e-6)
@@ -110,11 +112,11 @@ GOLDEN_FIRST_LOSS = {"patch_convnet": 4.113959, "eanet": 5.070109, "vit": 5.0376
 def test_first_step_loss_is_the_golden_one(name):
     config = load_experiment(name)
     mesh = train.create_mesh()
-    model = models.create_model(config, config.dataset.num_classes)
+    model = registry.create_model(config, config.dataset.num_classes)
     size = config.preprocess.size
-    tx = train.create_optimizer(config.optimizer,
-                                train.create_learning_rate_fn(config.optimizer, 1000))
-    state = train.create_train_state(model, tx, jax.random.key(config.seed), (size, size, 3), mesh)
+    tx = optimizer.create_optimizer(config.optimizer,
+                                optimizer.create_learning_rate_fn(config.optimizer, 1000))
+    state = create_train_state(model, tx, jax.random.key(config.seed), (size, size, 3), mesh)
     rng = np.random.default_rng(0)
     batch = {"images": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
              "labels": rng.integers(0, config.dataset.num_classes, 8).astype(np.int32),
@@ -196,10 +198,10 @@ def test_unroll_steps_auto_unrolls_on_cpu_only():
 
 def test_bfloat16_computes_in_bfloat16_with_float32_parameters_and_loss(tiny_config):
     config = tiny_config(dtype="bfloat16")
-    model = models.create_model(config, 10)
+    model = registry.create_model(config, 10)
     mesh = train.create_mesh()
-    tx = train.create_optimizer(config.optimizer, train.create_learning_rate_fn(config.optimizer, 10))
-    state = train.create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh)
+    tx = optimizer.create_optimizer(config.optimizer, optimizer.create_learning_rate_fn(config.optimizer, 10))
+    state = create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh)
     assert {p.dtype for p in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
     logits, attention = jax.eval_shape(
         lambda p: model.apply({"params": p}, jnp.zeros((2, 16, 16, 3)), train=False), state.params)
@@ -211,7 +213,7 @@ def test_bfloat16_computes_in_bfloat16_with_float32_parameters_and_loss(tiny_con
     new_state, sums = lowered.compile()(state, batch, jax.random.key(1), None)
     assert sums["loss"].dtype == jnp.float32 and bool(jnp.isfinite(sums["loss"]))
     assert {p.dtype for p in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}
-    assert models.compute_dtype("auto") == jnp.float32  # on CPU
+    assert registry.compute_dtype("auto") == jnp.float32  # on CPU
 
 
 # The optimizer side of the modern stack: gradient clipping, LAMB, gradient accumulation, and the
@@ -232,7 +234,7 @@ def test_clipping_gives_the_optimizer_the_gradient_scaled_to_the_bound(tiny_conf
     small = {"a": jnp.array([0.3, 0.0, 0.4]), "b": jnp.zeros((2, 2))}  # global norm 0.5
 
     def two_updates(cfg, grads):
-        tx = train.create_optimizer(cfg, optax.constant_schedule(0.1))
+        tx = optimizer.create_optimizer(cfg, optax.constant_schedule(0.1))
         state, p = tx.init(params), params
         for g in grads:
             updates, state = tx.update(g, state, p)
@@ -259,7 +261,7 @@ def test_lamb_first_step_by_hand(tiny_config):
                             weight_decay_exclude=("cls_token",))
     params = {"w": jnp.array([[1.0, 2.0], [2.0, -1.0]]), "cls_token": jnp.array([0.5, -0.5, 1.0])}
     grads = {"w": jnp.array([[0.1, -0.2], [0.3, 0.05]]), "cls_token": jnp.array([1.0, 2.0, -3.0])}
-    tx = train.create_optimizer(cfg, optax.constant_schedule(lr))
+    tx = optimizer.create_optimizer(cfg, optax.constant_schedule(lr))
     updates, _ = tx.update(grads, tx.init(params), params)
     for name, decayed in (("w", True), ("cls_token", False)):
         p, g = np.asarray(params[name], np.float64), np.asarray(grads[name], np.float64)
@@ -278,10 +280,10 @@ def test_lamb_with_per_step_decay_is_refused(tiny_config):
 
 def _one_step(config, mesh, batch):
     """(parameters, metric sums) after one train step of `config` on `batch` from a fixed state."""
-    model = models.create_model(config, 10)
-    tx = train.create_optimizer(config.optimizer,
-                                train.create_learning_rate_fn(config.optimizer, 10))
-    state = train.create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh,
+    model = registry.create_model(config, 10)
+    tx = optimizer.create_optimizer(config.optimizer,
+                                optimizer.create_learning_rate_fn(config.optimizer, 10))
+    state = create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh,
                                      ema=config.ema.decay > 0)
     initial = jax.device_get(state)
     state, sums = train.jit_steps(config, mesh)[0](state, data.to_global(batch, mesh),
@@ -322,7 +324,7 @@ def test_a_batch_that_does_not_split_into_micro_batches_is_refused(tiny_config):
     with pytest.raises(UserError, match=r"^config.batch_size 16 does not split into "
                                         r"config.accumulate_steps=4 micro-batches over 8 devices: "
                                         r"use a multiple of 32$"):
-        train.check_accumulation(16, 4, train.create_mesh())
+        optimizer.check_accumulation(16, 4, train.create_mesh())
 
 
 def test_ema_update_by_hand(tiny_config):
@@ -331,12 +333,12 @@ def test_ema_update_by_hand(tiny_config):
     cfg = tiny_config().ema
     cfg.decay = 0.99
     params, ema = {"w": jnp.array([1.0, -2.0])}, {"w": jnp.array([3.0, 5.0])}
-    state = train.EmaTrainState(step=jnp.array(1), apply_fn=None, params=params, tx=None,
+    state = EmaTrainState(step=jnp.array(1), apply_fn=None, params=params, tx=None,
                                 opt_state=(), ema_params=ema)
     for warmup, step, d in ((False, 1, 0.99), (True, 1, 0.1), (True, 81, 0.9),
                             (True, 2000, 0.99)):
         cfg.warmup = warmup
-        new = train.update_ema(state.replace(step=jnp.array(step)), cfg).ema_params["w"]
+        new = update_ema(state.replace(step=jnp.array(step)), cfg).ema_params["w"]
         np.testing.assert_allclose(new, d * np.array([3.0, 5.0]) + (1 - d) * np.array([1.0, -2.0]),
                                    rtol=1e-6)
 
@@ -353,7 +355,7 @@ def test_ema_follows_the_train_step_and_is_absent_when_off(tiny_config):
                        jax.tree.leaves(state.ema_params), strict=True):
         np.testing.assert_allclose(e, 0.9 * i + 0.1 * p, rtol=1e-5, atol=1e-7)
     off = _one_step(tiny_config(), train.create_mesh(), batch)[1]
-    assert type(off) is train.TrainState and not train.has_ema(off)
+    assert type(off) is TrainState and not has_ema(off)
 
 
 def test_the_loop_waits_for_each_call_before_the_last_one_dispatched():
@@ -371,7 +373,7 @@ def test_the_loop_waits_for_each_call_before_the_last_one_dispatched():
         def block_until_ready(self):
             waited.append(self.call)
 
-    queue = train.DispatchQueue()
+    queue = DispatchQueue()
     for call in range(4):
         queue.dispatched(Step(call))
         assert waited == list(range(call))  # every call before this one is finished

@@ -56,7 +56,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from attn_jax import atomic, data, host_memory, models, train
+from attn_jax import atomic, data, host_memory, registry, train
 from attn_jax.bench import feeds, flops, host, peaks, profile, steps
 from attn_jax.bench.compilations import count_compilations
 from attn_jax.errors import UserError
@@ -103,7 +103,7 @@ def _describe(config: ml_collections.ConfigDict, mesh, say: Say) -> dict:
     device = mesh.devices.flat[0]
     report = {"model": config.model.name, "dataset": config.dataset.name,
               "backend": jax.default_backend(), "device_kind": device.device_kind,
-              "num_devices": mesh.devices.size, "dtype": models.compute_dtype(config.dtype).name,
+              "num_devices": mesh.devices.size, "dtype": registry.compute_dtype(config.dtype).name,
               "batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size,
               "jax": jax.__version__, "host": host.host_description(),
               "host_memory": host_memory.APPLIED,
@@ -142,8 +142,8 @@ def _time_steps(config: ml_collections.ConfigDict, mesh, opts: dict, probe, repo
             eval_compiled, *eval_build = steps.compile_step(eval_fn, stepper.state, eval_batch, stats)
             eval_times = steps.time_step(lambda: eval_compiled(stepper.state, eval_batch, stats),
                                          *timing)
-    forward = flops.model_flops(models.create_model(config, config.dataset.num_classes,
-                                                    impl="reference"),
+    forward = flops.model_flops(registry.create_model(config, config.dataset.num_classes,
+                                                      impl="reference"),
                                 (config.preprocess.size, config.preprocess.size, 3))
     count = functools.partial(flops.xla_flops, config=config, num_devices=mesh.devices.size)
     report["train"] = steps.step_report(

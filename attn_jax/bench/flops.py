@@ -6,13 +6,13 @@ from collections.abc import Callable
 import jax
 import ml_collections
 
-from attn_jax import models, summary
+from attn_jax import registry, summary
 
 
 def reference_state(state, config: ml_collections.ConfigDict, num_classes: int):
     """`state` applying the reference form of config's model (`impl="reference"`): the same
     parameter tree, so the same state with another `apply_fn`."""
-    model = models.create_model(config, num_classes, impl="reference")
+    model = registry.create_model(config, num_classes, impl="reference")
     return state.replace(apply_fn=model.apply)
 
 
@@ -27,7 +27,7 @@ def xla_flops(step: Callable, compiled, state, *args, config: ml_collections.Con
     compiled again with the reference layers, which compute the same function in whole-batch ops.
     `compiled` (the step as timed) is counted as it is when the model already is the reference form.
     """
-    impl = models.resolve_impl(config.model.get("impl", "auto"), jax.default_backend())
+    impl = registry.resolve_impl(config.model.get("impl", "auto"), jax.default_backend())
     if impl != "reference":
         reference = reference_state(state, config, config.dataset.num_classes)
         compiled = step.lower(reference, *args).compile()

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from attn_jax import data, models, train
+from attn_jax import data
+from attn_jax import state as train_state
 
 
 def raw_image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -39,16 +40,20 @@ def synthetic_batch(size: int, image_shape, num_classes: int, mesh, seed: int = 
                            "mask": np.ones(local, bool)}, mesh)
 
 
-def initial_state(config: ml_collections.ConfigDict, mesh, impl: str | None = None) -> tuple:
-    """(model, initial train state on `mesh`, train key), built as a run builds them but without
-    data (the model from the layers `impl` chooses, default config.model.impl): the learning-rate
-    schedule assumes 1000 steps (its values do not change the speed)."""
-    model = models.create_model(config, config.dataset.num_classes, impl=impl)
-    tx = train.create_optimizer(config.optimizer,
-                                train.create_learning_rate_fn(config.optimizer, 1000))
-    init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    size = config.preprocess.size
-    return model, train.create_train_state(model, tx, init_key, (size, size, 3), mesh), train_key
+# The benchmark's learning-rate schedule runs over this many steps (its values do not change the
+# speed; a run's spans its epochs).
+SCHEDULE_STEPS = 1000
+
+
+def initial_state(config: ml_collections.ConfigDict, mesh, impl: str | None = None, *,
+                  abstract: bool = False) -> tuple:
+    """(model, initial train state on `mesh`, train key), built by `state.initial_state` as a run
+    builds them (EMA included where config.ema keeps one) but without data: the model from the
+    layers `impl` chooses (default config.model.impl). `abstract`: the state's shapes and
+    shardings only."""
+    model, _, state = train_state.initial_state(config, mesh, SCHEDULE_STEPS, impl=impl,
+                                                abstract=abstract)
+    return model, state, train_state.run_keys(config.seed)[1]
 
 
 def placeholder_stats(config: ml_collections.ConfigDict):

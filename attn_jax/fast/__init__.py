@@ -21,7 +21,7 @@ only the order and the grouping of the arithmetic differ:
 - `threefry.use_unrolled_threefry_on_cpu`: JAX's random-bit hash without its rolled loop on CPU,
   installed by `launch.py`, not on import.
 
-The models take these as fields; `attn_jax.models.layers_for` chooses them from `config.model.impl`
+The models take these as fields; `attn_jax.registry.layers_for` chooses them from `config.model.impl`
 ("auto": on CPU).
 """
 

@@ -13,7 +13,7 @@ and backward, batch 128) took 659 ms in chunks against 900 ms whole, and the tra
 
 The result is the same function: each example's attention is computed alone in both forms, and the
 dropout mask is drawn for the whole batch before it is split, so it does not depend on the chunking.
-`config.model.impl` "auto" chunks on CPU only (`models.layers_for`): GPUs and TPUs keep one
+`config.model.impl` "auto" chunks on CPU only (`registry.layers_for`): GPUs and TPUs keep one
 whole-batch computation, the reference layers'.
 """
 

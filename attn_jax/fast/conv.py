@@ -16,7 +16,7 @@ A float32 3x3 convolution of stride 1 with SAME padding (the tutorial trunk's) g
 `winograd.conv3x3`, which computes it, and both its gradients, with 4x fewer multiplies.
 Only the plain case is rerouted (NHWC inputs, HWIO kernel, no dilation, one feature group); any
 other call (the paper's depthwise convs among them) goes to `lax.conv_general_dilated` unchanged.
-`config.model.impl` "auto" uses it on CPU only (`models.layers_for`): GPUs and TPUs have fast kernel
+`config.model.impl` "auto" uses it on CPU only (`registry.layers_for`): GPUs and TPUs have fast kernel
 gradients of their own. The
 parameters, their names and their shapes are `nn.Conv`'s (`Conv` is `nn.Conv` with this function),
 so checkpoints and parameter counts do not change; the result equals `lax`'s up to float summation

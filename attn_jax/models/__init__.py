@@ -1,4 +1,4 @@
-"""Model registry: `create_model(config, num_classes)` builds any attn_jax classifier from its config.
+"""The attn_jax classifiers, by name: `MODELS` and `model_names()`.
 
 Every model is a `flax.linen.Module` called as `model(images, train=bool)` on float images of shape
 `[batch, height, width, 3]` (already preprocessed) and returning `(logits, attention)`: logits of
@@ -7,87 +7,26 @@ shape `[batch, num_classes]`, and the class token's attention weights over the p
 
 The models here are the reference forms, plain Flax layers in the papers' vocabulary. Each takes
 the layers it is built from as fields (`conv`, `gelu`, `class_attention`, `external_attention`,
-`attention_fn`), as flax's ResNet takes `conv`; `layers_for` is the ONE place that swaps in the
-speed versions of `attn_jax.fast` (same parameters, same function:
-`tests/test_fast_equivalence.py`), from `config.model.impl`.
+`attention_fn`), as flax's ResNet takes `conv`; `attn_jax.registry` builds a model from a config and
+chooses those layers. A bad field value is a `ValueError` (or, for an unknown field, a `TypeError`)
+here; the registry turns it into the user's one-line error. This package needs only flax, jax and
+numpy.
 """
 
 from collections.abc import Callable
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import ml_collections
 
-from attn_jax import fast
-from attn_jax.errors import UserError
 from attn_jax.models import eanet, patch_convnet, patch_convnet_tutorial
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {
+MODELS: dict[str, Callable[..., nn.Module]] = {
     "eanet": eanet.EANet,
     "patch_convnet_tutorial": patch_convnet_tutorial.PatchConvNetTutorial,
     "patch_convnet": patch_convnet.PatchConvNet,
     **patch_convnet.VARIANTS,
 }
-IMPLS = ("auto", "reference", "fast")
 
 
 def model_names() -> list[str]:
-    """The names `get_model` accepts, sorted."""
-    return sorted(_MODELS)
-
-
-def get_model(name: str, **kwargs) -> nn.Module:
-    """Builds the model registered as `name` with constructor keyword arguments `kwargs`."""
-    if name not in _MODELS:
-        raise UserError(
-            f"unknown model name {name!r}: set config.model.name to one of {', '.join(model_names())}"
-        )
-    try:
-        return _MODELS[name](**kwargs)
-    except TypeError as e:
-        raise UserError(f"model {name!r} does not accept these config.model fields: {e}") from None
-
-
-def resolve_impl(impl: str, backend: str) -> str:
-    """config.model.impl -> "reference" or "fast". "auto" is "fast" where it was measured faster:
-    on CPU (the folded and chunked attentions, the matmul conv gradient and Winograd's 3x3, the
-    folded class attention, GELU through erf: docs/performance.md);
-    elsewhere "reference", whose whole-batch ops GPUs and TPUs run well."""
-    if impl not in IMPLS:
-        raise UserError(f"config.model.impl is {impl!r}: use one of {', '.join(IMPLS)}")
-    if impl == "auto":
-        return "fast" if backend == "cpu" else "reference"
-    return impl
-
-
-def layers_for(impl: str, backend: str | None = None) -> dict:
-    """The layer fields a model is built with under config.model.impl on `backend` (default: JAX's
-    default backend): {} for the reference layers (each model's defaults), else the fast ones."""
-    if resolve_impl(impl, backend or jax.default_backend()) == "reference":
-        return {}
-    return {"conv": fast.Conv, "gelu": fast.gelu, "class_attention": fast.folded_class_attention,
-            "external_attention": fast.ExternalAttention,
-            "attention_fn": fast.chunked_dot_product_attention}
-
-
-def compute_dtype(name: str) -> jnp.dtype:
-    """config.dtype -> dtype: "auto" is bfloat16 on GPU/TPU and float32 on CPU."""
-    if name == "auto":
-        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    if name not in ("float32", "bfloat16"):
-        raise UserError(f"config.dtype is {name!r}: use 'float32', 'bfloat16' or 'auto'")
-    return jnp.dtype(name)
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int,
-                 impl: str | None = None) -> nn.Module:
-    """The model named by config.model.name, with the rest of config.model as its fields, built
-    from the layers `impl` (default config.model.impl, "auto" if unset) chooses."""
-    fields = {k: v for k, v in config.model.items() if k not in ("name", "impl")}
-    entry = _MODELS.get(config.model.name)
-    model_class = getattr(entry, "func", entry)  # the variants are partials of PatchConvNet
-    layers = {k: v for k, v in layers_for(impl or config.model.get("impl", "auto")).items()
-              if k in getattr(model_class, "__dataclass_fields__", {})}  # the layers it takes
-    return get_model(config.model.name, num_classes=num_classes,
-                     dtype=compute_dtype(config.dtype), **fields, **layers)
+    """The names of `MODELS`, sorted."""
+    return sorted(MODELS)

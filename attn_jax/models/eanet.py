@@ -38,7 +38,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attn_jax.errors import UserError
 from attn_jax.models.keras_init import glorot, keras_embedding_init, keras_glorot
 
 Dtype = Any
@@ -210,19 +209,19 @@ class EANet(nn.Module):
 
     def __post_init__(self):
         if self.attention not in ATTENTION_TYPES:
-            raise UserError(f"unknown attention {self.attention!r}: set config.model.attention to "
-                            f"one of {', '.join(ATTENTION_TYPES)}")
+            raise ValueError(f"unknown attention {self.attention!r}: set config.model.attention to "
+                             f"one of {', '.join(ATTENTION_TYPES)}")
         if self.dim % self.num_heads:
-            raise UserError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}: set "
-                            "config.model.dim to a multiple of config.model.num_heads")
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}: set "
+                             "config.model.dim to a multiple of config.model.num_heads")
         super().__post_init__()
 
     @nn.compact
     def __call__(self, images, *, train: bool):
         _, height, width, _ = images.shape
         if height % self.patch_size or width % self.patch_size:
-            raise UserError(f"image size {height}x{width} is not divisible by patch_size "
-                            f"{self.patch_size}: set config.model.patch_size to a divisor of both")
+            raise ValueError(f"image size {height}x{width} is not divisible by patch_size "
+                             f"{self.patch_size}: set config.model.patch_size to a divisor of both")
         patches = extract_patches(images, self.patch_size)  # [B, N, p*p*3]
         x = nn.Dense(self.dim, kernel_init=glorot, dtype=self.dtype, name="patch_embed")(patches)
         position = self.param("pos_embed", keras_embedding_init, (patches.shape[1], self.dim),
