@@ -18,6 +18,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from attn_jax import atomic
+from attn_jax.config import base
 from attn_jax.errors import UserError
 from attn_jax.validate import leaves
 
@@ -105,13 +106,14 @@ def check_and_record(workdir: Path, config: ml_collections.ConfigDict, mesh: Mes
 
 
 def recorded_config(workdir: Path) -> ml_collections.ConfigDict:
-    """The config a run was launched with (`DIR/run.json`), fields it predates at their
-    `ADDED_FIELDS` values."""
+    """The config a run was launched with (`DIR/run.json`), every field of the base: those the
+    record predates at their `ADDED_FIELDS` values where these say what the run computed with, the
+    rest (how a run is carried out: attention maps, CPU devices, ...) at the base's defaults."""
     path = Path(workdir) / RECORD
     if not path.exists():
         raise UserError(f"{workdir} has no {RECORD} (the record of the config it ran with): pass "
                         "the config explicitly")
-    flat = {**ADDED_FIELDS, **json.loads(path.read_text())["config"]}
+    flat = {**leaves(base()), **ADDED_FIELDS, **json.loads(path.read_text())["config"]}
     config = ml_collections.ConfigDict()
     for key, value in sorted(flat.items()):
         *parents, name = key.split(".")

@@ -4,6 +4,7 @@ direction (the modes use the library, never the other way round; attention_maps 
 
 import ast
 import json
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,8 @@ import pytest
 from conftest import ROOT, digits_config, load_experiment, png_size
 from PIL import Image
 
-from attn_jax import attention_maps, checkpoint, modes, train
+from attn_jax import attention_maps, checkpoint, modes, run_record, train, validate
+from attn_jax.config import base
 from attn_jax.errors import UserError
 from attn_jax.state import has_ema, with_ema
 
@@ -96,6 +98,26 @@ def _images(directory):
     return paths
 
 
+def test_load_fills_the_fields_an_old_record_lacks_from_the_base(saved, digits_data_dir, tmp_path):
+    """A run.json written before some fields existed (here the attention maps, the CPU settings,
+    model.impl and the benchmark's knobs) loads with those at the base config's defaults."""
+    workdir = tmp_path / "old"
+    shutil.copytree(saved, workdir)
+    config = _config(digits_data_dir)
+    run_record.check_and_record(workdir, config, train.create_mesh(), resuming=False)
+    record = json.loads((workdir / run_record.RECORD).read_text())
+    lacking = ("attention_every_epochs", "attention_images", "cpu_devices", "host_memory",
+               "model.impl", "benchmark.steps")
+    record["config"] = {k: v for k, v in record["config"].items() if k not in lacking}
+    (workdir / run_record.RECORD).write_text(json.dumps(record))
+    loaded = modes.load(workdir, "latest")
+    validate.check(loaded.config)  # every field there
+    defaults = validate.leaves(base())
+    assert {k: validate.leaves(loaded.config)[k] for k in lacking} == {
+        k: defaults[k] for k in lacking}
+    assert loaded.config.model.dim == 16 and loaded.step == 0
+
+
 def test_attend_on_any_image(saved, digits_data_dir, tmp_path):
     results = modes.attend(_config(digits_data_dir), saved, _images(tmp_path), "latest")
     assert [r["output"] for r in results] == [str(saved / "attend" / f"{n}.png")
@@ -124,7 +146,7 @@ def _no_attention_config(name, data_dir):
         config.model = {"name": "eanet", "patch_size": 4, "dim": 16, "mlp_dim": 32, "num_heads": 2,
                         "dim_coefficient": 2, "num_blocks": 1, "attention_dropout": 0.0,
                         "projection_dropout": 0.0, "memory_slots": 8,
-                        "attention": "self" if name == "vit" else "external"}
+                        "attention": "self" if name == "vit" else "external", "impl": "auto"}
     config.dataset.data_dir = str(data_dir)
     return config
 
