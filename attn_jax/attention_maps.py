@@ -5,8 +5,9 @@ A PatchConvNet's class token attends over the patches of the last feature map; i
 show which regions the classification rests on (the Keras tutorial's `TrainMonitor` and
 `plot_attention`: inferno colormap at alpha 0.6 over the image).
 
-- `render_grid`: a grid of images overlaid with their maps, one title each: the grid written during
-  training (`inference.render_epoch`: `DIR/attention/epoch_005.png` and TensorBoard).
+- `render_grid`: a grid of images overlaid with their maps, one title each; `render_epoch_grid`, the
+  grid training draws after an epoch from the model's predictions (`train._end_epoch`:
+  `DIR/attention/epoch_005.png` and TensorBoard).
 - `render_side_by_side`: an image beside its overlay (`--mode=attend`: `modes.attend`,
   `DIR/attend/<name>.png`).
 - `plot_curves`: `DIR/curves.png`, train and validation loss and top-1 against epochs.
@@ -100,6 +101,22 @@ def render_grid(images: np.ndarray, attention: np.ndarray, titles: list[str], pa
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
     return _save(fig, path)
+
+
+def render_epoch_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                      attention: np.ndarray, class_names: list[str], title: str,
+                      path: Path) -> np.ndarray:
+    """`render_grid` of a model's predictions: uint8 images [n, H, W, 3], int labels [n], class
+    probabilities [n, C] and attention [n, N]; each image titled with its true and predicted class
+    (green when right, red when wrong), the grid with `title` and the count of right predictions.
+    Writes the PNG and returns its pixels."""
+    predicted = probs.argmax(-1)
+    titles = [f"true {class_names[t]}\npred {class_names[p]} ({probs[i, p]:.0%})"
+              for i, (t, p) in enumerate(zip(labels, predicted, strict=True))]
+    colors = ["green" if t == p else "red" for t, p in zip(labels, predicted, strict=True)]
+    correct = int(np.sum(labels == predicted))
+    return render_grid(images, attention, titles, path, colors=colors,
+                       suptitle=f"{title}: {correct}/{len(labels)} correct (green)")
 
 
 def render_side_by_side(image: np.ndarray, attention: np.ndarray, path: Path,

@@ -11,10 +11,11 @@ decodes an example with numpy and PIL. The training order is one function of (se
   processes, which decode and resize; each process reads only its rows of every global batch.
 
 Images of mixed sizes are brought to one size on the host, per image and before batching, by a host
-view (config.dataset): `Squash` to image_size x image_size (crop "resize", the default), Inception's
-random-resized crop of the image at its true size (crop "inception", DeiT's training crop; the
-training split then always streams), and for evaluation the shorter side resized to image_size /
-eval_crop_fraction and the centre image_size x image_size kept (DeiT's and timm's 0.875).
+view (config.dataset): `Resize` to image_size x image_size (crop "resize", the default),
+`RandomResizedCrop`, Inception's crop of the image at its true size (crop "inception", DeiT's
+training crop; the training split then always streams), and for evaluation `CenterCrop`: the shorter
+side resized to image_size / eval_crop_fraction and the centre image_size x image_size kept (DeiT's
+and timm's 0.875).
 
 Both give the same global batches for the same seed, and a resumed run starts at its step without
 replaying the epoch. Evaluation sees every example exactly once: each process reads a contiguous
@@ -36,6 +37,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
@@ -114,7 +116,7 @@ def inception_box(height: int, width: int, rng: np.random.Generator, scale: Sequ
 
 
 @dataclasses.dataclass(frozen=True)
-class Squash:
+class Resize:
     """Every image resized to size x size (`fixed_size`), its aspect ratio lost: the training view
     of config.dataset.crop = "resize", and the evaluation one with eval_crop_fraction 1."""
 
@@ -140,7 +142,7 @@ class CenterCrop:
 
 
 @dataclasses.dataclass(frozen=True)
-class InceptionCrop:
+class RandomResizedCrop:
     """config.dataset.crop = "inception": Inception's random-resized crop of the image at its true
     size (`inception_box`, config.dataset.crop_scale and crop_ratio), resized to size x size (crop,
     then `pil_resize`, as torchvision's RandomResizedCrop of a PIL image). Its randomness is numpy's
@@ -161,21 +163,21 @@ class InceptionCrop:
         return pil_resize(image[top:top + h, left:left + w], self.size, self.size)
 
 
-View = Squash | CenterCrop | InceptionCrop
+View = Resize | CenterCrop | RandomResizedCrop
 
 
 def host_views(cfg: ml_collections.ConfigDict) -> tuple[View, View]:
     """(training view, evaluation view) of config.dataset `cfg`: "resize" and a fraction of 1 (every
     experiment's default) resize every image to image_size x image_size, as attn_jax always did."""
-    size, fraction = cfg.get("image_size"), cfg.get("eval_crop_fraction", 1.0)
-    if not size and (cfg.get("crop", "resize") != "resize" or fraction != 1.0):
+    size, fraction = cfg.image_size, cfg.eval_crop_fraction
+    if not size and (cfg.crop != "resize" or fraction != 1.0):
         raise UserError("config.dataset.crop 'inception' and eval_crop_fraction < 1 output "
                         "image_size x image_size images: set config.dataset.image_size")
-    if cfg.get("crop", "resize") == "inception":
-        train_view = InceptionCrop(size, tuple(cfg.crop_scale), tuple(cfg.crop_ratio))
+    if cfg.crop == "inception":
+        train_view = RandomResizedCrop(size, tuple(cfg.crop_scale), tuple(cfg.crop_ratio))
     else:
-        train_view = Squash(size)
-    return train_view, (CenterCrop(size, fraction) if fraction < 1 else Squash(size))
+        train_view = Resize(size)
+    return train_view, (CenterCrop(size, fraction) if fraction < 1 else Resize(size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +186,7 @@ def host_views(cfg: ml_collections.ConfigDict) -> tuple[View, View]:
 class Examples:
     """A tfds random-access source as uint8 images [H, W, C] and int32 labels; picklable, so grain's
     worker processes can decode. Each image is decoded at its true size and brought to one size by a
-    host view (`Squash`, `CenterCrop`, `InceptionCrop`): `view` unless `read` is given another."""
+    host view (`Resize`, `CenterCrop`, `RandomResizedCrop`): `view` unless `read` is given another."""
 
     def __init__(self, records: Sequence, image_key: str, label_key: str, view: View):
         self.records, self.image_key, self.label_key = records, image_key, label_key
@@ -238,7 +240,7 @@ class Split:
     examples: Examples | Arrays
     image_shape: tuple[int, int, int]  # of every image, after config.dataset.image_size
     workers: int  # decoding processes for streamed reads (0: in this process)
-    train_view: View = Squash(None)  # how the training feed reads it
+    train_view: View = Resize(None)  # how the training feed reads it
 
     @property
     def num_examples(self) -> int:
@@ -314,7 +316,7 @@ def read_workers(cfg: ml_collections.ConfigDict) -> int:
     """config.dataset.read_workers; None: one per CPU core (at most 16) with 4 cores or more, none
     below (starting worker processes costs more than it gains on 2 cores: CIFAR-10's 40,000 images
     decoded in 3.8 s here, 4.6 s by 2 workers)."""
-    workers, cores = cfg.get("read_workers"), len(os.sched_getaffinity(0))
+    workers, cores = cfg.read_workers, len(os.sched_getaffinity(0))
     if workers is None:
         return min(16, cores) if cores >= 4 else 0
     return int(workers)
@@ -324,7 +326,7 @@ def load_split(cfg: ml_collections.ConfigDict, split: str) -> Split:
     """The tfds split `split` (e.g. "train[:40000]") of config.dataset `cfg`, by random access,
     with the views of config.dataset.crop (training) and eval_crop_fraction (evaluation)."""
     builder = _builder(cfg)
-    image_size = cfg.get("image_size")
+    image_size = cfg.image_size
     features = builder.info.features
     if cfg.image_key not in features or cfg.label_key not in features:
         raise UserError(f"dataset {cfg.name!r} has features {sorted(features.keys())}: set "
@@ -340,7 +342,7 @@ def load_split(cfg: ml_collections.ConfigDict, split: str) -> Split:
     try:
         records = builder.as_data_source(split=split)
     except NotImplementedError:  # prepared as TFRecord: no random access without TensorFlow
-        if train_view != Squash(image_size) or eval_view != Squash(image_size):
+        if train_view != Resize(image_size) or eval_view != Resize(image_size):
             hint = CONVERT_HINT.format(name=cfg.name, data_dir=cfg.data_dir or "~/tensorflow_datasets")
             raise UserError(
                 f"dataset {cfg.name!r} is prepared as TFRecord, decoded once at one size, but "
@@ -378,7 +380,7 @@ def _tfrecord_examples(builder: tfds.core.DatasetBuilder, split: str,
     ds = builder.as_dataset(split=split, shuffle_files=False)
     images, labels = [], []
     for ex in ds.as_numpy_iterator():
-        images.append(fixed_size(ex[cfg.image_key], cfg.get("image_size")))
+        images.append(fixed_size(ex[cfg.image_key], cfg.image_size))
         labels.append(ex[cfg.label_key])
     return Arrays(np.stack(images), np.asarray(labels, np.int32))
 
@@ -482,7 +484,7 @@ def host_memory_bytes() -> int:
 def resident_limit_bytes(cfg: ml_collections.ConfigDict, device: jax.Device) -> int:
     """config.dataset.resident_limit_mib in bytes; None: a quarter of the device's memory (of the
     host's on CPU or when the device does not say)."""
-    mib = cfg.get("resident_limit_mib")
+    mib = cfg.resident_limit_mib
     if mib is not None:
         return int(mib) * 2**20
     return int((device.memory_stats() or {}).get("bytes_limit") or host_memory_bytes()) // 4
@@ -536,16 +538,38 @@ def call_sizes(start: int, end: int, steps_per_call: int, every: Sequence[int]) 
     return sizes
 
 
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+    """The train steps of an epoch over `num_examples`: whole global batches only (the tail is
+    dropped; 0 when the split holds less than one batch)."""
+    return num_examples // global_batch
+
+
 def replicated(array: np.ndarray, mesh: Mesh) -> jax.Array:
     """`array` (the same in every process) on every device of `mesh`."""
     sharding = NamedSharding(mesh, PartitionSpec())
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def batch_spec(size: int, image_shape: Sequence[int], mesh: Mesh, steps: int | None = None) -> dict:
+    """The abstract global batch of `size` uint8 images (ShapeDtypeStructs sharded on `data`), to
+    compile a step for; with `steps`, that many stacked [steps, size, ...]: a streamed call's."""
+    lead, spec = ((), BATCH_AXIS) if steps is None else ((steps,), STACKED_BATCH_AXIS)
+    sharding = NamedSharding(mesh, spec)
+    shape = (*lead, size)
+    return {"images": jax.ShapeDtypeStruct((*shape, *image_shape), jnp.uint8, sharding=sharding),
+            "labels": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
+            "mask": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sharding)}
+
+
+# A feed gives each jitted call of n train steps one input (`epoch` yields them; `call_spec(n)` is
+# its abstract form, to compile for), placed on the mesh as `sharding(mesh)` says; inside the call,
+# `batch(inputs, step, i, mesh)` is the global batch of the call's i-th step, whose train state is at
+# step `step`. `train.jit_train_call` takes these two from the feed and knows nothing else of it.
+
 class ResidentFeed:
-    """The training split on every device as uint8; a call's feed is the split and the epoch's
-    order, and each step gathers its batch inside the jitted step (`batch_from_resident`). The
-    split is decoded once through its training view, which must not be random (`is_resident`)."""
+    """The training split on every device as uint8; a call's input is the split and the epoch's
+    order, and each step gathers its batch inside the jitted call (`batch`). The split is decoded
+    once through its training view, which must not be random (`is_resident`)."""
 
     resident = True
 
@@ -556,31 +580,45 @@ class ResidentFeed:
         split = split.in_memory(split.train_view)
         self.mesh, self.global_batch, self.seed, self.repeats = mesh, global_batch, seed, repeats
         self.num_examples = split.num_examples
-        self.steps_per_epoch = split.num_examples // global_batch
+        self.steps_per_epoch = steps_per_epoch(split.num_examples, global_batch)
         self.arrays = {"images": replicated(split.examples.images, mesh),
                        "labels": replicated(split.examples.labels, mesh)}
 
+    @staticmethod
+    def sharding(mesh: Mesh) -> NamedSharding:
+        """A call's input is replicated: every device holds the whole split."""
+        return NamedSharding(mesh, PartitionSpec())
+
+    @staticmethod
+    def batch(inputs: dict, step: jax.Array, i, mesh: Mesh) -> dict:
+        """Inside a jitted call: batch `step` mod (steps per epoch) of the epoch's order [steps, B],
+        gathered from the resident split: {"images" [B, H, W, C] uint8, "labels" [B], "mask" [B]},
+        sharded on `data`. The state's `step` says where the epoch is; `i` is not needed."""
+        del i
+        steps, global_batch = inputs["order"].shape
+        start = (step % steps) * global_batch
+        indices = jax.lax.dynamic_slice_in_dim(inputs["order"].reshape(-1), start, global_batch)
+        batch = {"images": inputs["images"][indices], "labels": inputs["labels"][indices],
+                 "mask": jnp.ones((global_batch,), bool)}
+        return jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, BATCH_AXIS))
+
+    def call_spec(self, num_steps: int) -> dict:
+        """The abstract input of a call, whatever its number of steps."""
+        del num_steps
+        order = jax.ShapeDtypeStruct((self.steps_per_epoch, self.global_batch), jnp.int32,
+                                     sharding=self.sharding(self.mesh))
+        return {**{k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+                   for k, v in self.arrays.items()}, "order": order}
+
     def epoch(self, epoch: int, start: int, sizes: Sequence[int]) -> Iterator[dict]:
-        """The feed of each call of epoch `epoch` from its step `start` on: the same arrays each
+        """The input of each call of epoch `epoch` from its step `start` on: the same arrays each
         call (the step's position in the epoch comes from the train state's step)."""
         del start
-        order = epoch_order(self.seed, epoch, self.num_examples, self.repeats,
-                            self.global_batch)[:self.steps_per_epoch * self.global_batch]
-        feed = {**self.arrays, "order": replicated(order, self.mesh)}
+        order = epoch_order(self.seed, epoch, self.num_examples, self.repeats, self.global_batch)
+        shape = (self.steps_per_epoch, self.global_batch)
+        inputs = {**self.arrays, "order": replicated(order[:math.prod(shape)].reshape(shape), self.mesh)}
         for _ in sizes:
-            yield feed
-
-
-def batch_from_resident(feed: dict, step: jax.Array, global_batch: int) -> dict:
-    """Inside a jitted step: batch number `step` mod (steps per epoch) of the epoch's order,
-    gathered from the resident split: {"images" [B, H, W, C] uint8, "labels" [B], "mask" [B]}."""
-    import jax.numpy as jnp
-
-    steps_per_epoch = feed["order"].shape[0] // global_batch
-    start = (step % steps_per_epoch) * global_batch
-    indices = jax.lax.dynamic_slice_in_dim(feed["order"], start, global_batch)
-    return {"images": feed["images"][indices], "labels": feed["labels"][indices],
-            "mask": jnp.ones((global_batch,), bool)}
+            yield inputs
 
 
 class StreamedFeed:
@@ -596,7 +634,22 @@ class StreamedFeed:
         self.split, self.mesh, self.global_batch, self.seed = split, mesh, global_batch, seed
         self.repeats = repeats
         self.prefetch = prefetch
-        self.steps_per_epoch = split.num_examples // global_batch
+        self.steps_per_epoch = steps_per_epoch(split.num_examples, global_batch)
+
+    @staticmethod
+    def sharding(mesh: Mesh) -> NamedSharding:
+        """A call's stacked batches are sharded on `data` along the batch axis."""
+        return NamedSharding(mesh, STACKED_BATCH_AXIS)
+
+    @staticmethod
+    def batch(inputs: dict, step: jax.Array, i, mesh: Mesh) -> dict:
+        """Inside a jitted call: the call's i-th batch of its stacked ones, [n, B, ...] -> [B, ...]."""
+        del step, mesh
+        return jax.tree.map(lambda x: x[i], inputs)
+
+    def call_spec(self, num_steps: int) -> dict:
+        """The abstract input of a call of `num_steps` steps."""
+        return batch_spec(self.global_batch, self.split.image_shape, self.mesh, steps=num_steps)
 
     def local_indices(self, epoch: int, start: int) -> list[np.ndarray]:
         """This process's rows of every global batch of `epoch` from batch `start` on."""
@@ -626,20 +679,22 @@ class StreamedFeed:
         yield from prefetch_to_mesh(stacked, self.mesh, self.prefetch, STACKED_BATCH_AXIS)
 
 
+Feed = ResidentFeed | StreamedFeed
+
+
 def _groups(items: Iterator, sizes: Sequence[int]) -> Iterator[list]:
     for n in sizes:
         yield [next(items) for _ in range(n)]
 
 
 def make_feed(split: Split, cfg: ml_collections.ConfigDict, mesh: Mesh, global_batch: int,
-              seed: int) -> ResidentFeed | StreamedFeed:
+              seed: int) -> Feed:
     """The device-resident feed when the split fits (`is_resident`; never with Inception crops),
     else the streamed one; each in `epoch_order`, with config.dataset.repeats (repeated
     augmentation; 1: off)."""
-    repeats = cfg.get("repeats", 1)
     if is_resident(split, cfg, mesh):
-        return ResidentFeed(split, mesh, global_batch, seed, repeats)
-    return StreamedFeed(split, mesh, global_batch, seed, cfg.prefetch, repeats)
+        return ResidentFeed(split, mesh, global_batch, seed, cfg.repeats)
+    return StreamedFeed(split, mesh, global_batch, seed, cfg.prefetch, cfg.repeats)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """A trained model's predictions on images: class probabilities and the class token's attention map.
 
-Used during training for the attention grid of each epoch (`render_epoch`, drawn by
-`attention_maps.render_grid`) and by `--mode=attend` on any image (`modes.attend`).
+Used during training for the attention grid of each epoch (`train._end_epoch` predicts on
+`fixed_images`, `attention_maps.render_epoch_grid` draws) and by `--mode=attend` on any image
+(`modes.attend`).
 """
 
 import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from attn_jax import attention_maps, data, preprocess, registry
+from attn_jax import preprocess, registry
 from attn_jax.errors import UserError
 
 
@@ -68,32 +68,3 @@ def fixed_images(split, n: int) -> tuple[np.ndarray, np.ndarray]:
     if not len(labels):
         raise UserError("the validation split is empty: no images to draw attention maps on")
     return images, labels
-
-
-def render_epoch(run, log, epoch: int) -> Path | None:
-    """The attention grid of `run`'s current state on the fixed validation images, written to
-    `log.workdir/attention/epoch_XXX.png` and TensorBoard (as "attention_maps" at the current step).
-
-    Returns the PNG's path, or None on processes other than 0 (which do nothing) and for a model
-    without an attention map (which is said on the console)."""
-    if not log.is_writer:
-        return None
-    config = run.config
-    images, labels = fixed_images(run.splits["val"], config.get("attention_images", 16))
-    probs, attention = predict(run.model, run.state.params, images, config.preprocess, run.stats)
-    if attention is None:
-        log.info(f"model {config.model.name!r} has no attention map: no attention/ grid "
-                 "(set config.attention_every_epochs = 0)")
-        return None
-    names = data.class_names(config.dataset)
-    predicted = probs.argmax(-1)
-    titles = [f"true {names[t]}\npred {names[p]} ({probs[i, p]:.0%})"
-              for i, (t, p) in enumerate(zip(labels, predicted, strict=True))]
-    colors = ["green" if t == p else "red" for t, p in zip(labels, predicted, strict=True)]
-    correct = int(np.sum(labels == predicted))
-    path = log.workdir / "attention" / f"epoch_{epoch:03d}.png"
-    pixels = attention_maps.render_grid(
-        images, attention, titles, path, colors=colors,
-        suptitle=f"{config.model.name}, epoch {epoch}: {correct}/{len(labels)} correct (green)")
-    log.write_image(int(run.state.step), "attention_maps", pixels)
-    return path

@@ -1,4 +1,6 @@
-"""Model size and cost, computed abstractly (no weights are allocated): `--mode=summary`."""
+"""Model size and cost, computed abstractly (no weights are allocated): parameter counts and forward
+FLOPs, which `--mode=summary` prints (`format_summary`), a run logs (`total_params`) and the
+benchmark's MFU counts (`cost_flops`, `forward_macs`)."""
 
 import math
 from collections import defaultdict

@@ -32,9 +32,9 @@ from attn_jax import (
     checkpoint,
     data,
     inference,
+    model_stats,
     registry,
     run_record,
-    summary,
     train,
     warm_start,
     workdir_lock,
@@ -42,6 +42,7 @@ from attn_jax import (
 from attn_jax.errors import UserError
 from attn_jax.interop import patch_convnet as official
 from attn_jax.interop import pth
+from attn_jax.metrics import zero_sums
 from attn_jax.state import initial_state, with_ema
 
 
@@ -53,7 +54,7 @@ def summarize(config: ml_collections.ConfigDict) -> None:
     model = registry.create_model(config, num_classes, impl="reference")
     size = config.preprocess.size
     print(f"model: {config.model.name} ({num_classes} classes)")
-    print(summary.format_summary(model, (size, size, 3)))
+    print(model_stats.format_summary(model, (size, size, 3)))
 
 
 def benchmark(config: ml_collections.ConfigDict, workdir: str | None = None, mesh=None) -> dict:
@@ -83,7 +84,7 @@ def _restored_run(config: ml_collections.ConfigDict, workdir: Path, which: str, 
         run = train.build_run(config, train.create_mesh() if mesh is None else mesh, workdir,
                               abstract=True)  # the checkpoint replaces every value
         state, _ = ckpt.restore(step, with_ema(run.state, saved_ema),
-                                train.zero_sums(run.mesh), checkpoint.model_description(config))
+                                zero_sums(run.mesh), checkpoint.model_description(config))
         run.state = state.replace(params=state.ema_params) if params == "ema" else state
     finally:
         ckpt.close()
@@ -135,7 +136,7 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str | Path, weigh
             state = warm_start.warm_state(abstract, params)
             description = {**checkpoint.run_description(config),
                            "imported_from": str(Path(weights).absolute())}
-            ckpt.save(state, train.zero_sums(mesh), description)
+            ckpt.save(state, zero_sums(mesh), description)
             ckpt.wait()
         finally:
             ckpt.close()

@@ -75,11 +75,11 @@ def for_eval(images: jax.Array, cfg: ml_collections.ConfigDict,
 
 
 def _rand_augment_on(cfg: ml_collections.ConfigDict) -> bool:
-    return cfg.get("randaugment_ops", 0) > 0
+    return cfg.randaugment_ops > 0
 
 
 def _erasing_on(cfg: ml_collections.ConfigDict) -> bool:
-    return cfg.get("erase_prob", 0.0) > 0
+    return cfg.erase_prob > 0
 
 
 def _rand_augment_one(image: jax.Array, key: jax.Array,

@@ -2,21 +2,25 @@
 
 The batch is sharded over `data`, the train state is replicated and its buffers donated; the same
 code runs on one device, on eight, or on a multi-host slice. This module holds the steps and the
-loop; what they are built from lives beside it: the optimizer (`optimizer`), the train state and
-its EMA (`state`), config.init_from (`warm_start`), stopping and relaunching safely (`run_guard`),
-the splits (`data.load_splits`).
+loop; what they are built from lives beside it: the metric sums (`metrics`), the optimizer and
+gradient accumulation (`optimizer`), the train state and its EMA (`state`), config.init_from
+(`warm_start`), stopping and relaunching safely (`run_guard`), the splits and the feeds that bring
+their batches to the steps (`data`).
 
 Reading order, which the file follows:
 
-1. The steps: `train_step` (the `gradients` of `loss_and_sums`, over micro-batches with
-   config.accumulate_steps; Mixup/CutMix by `mixed`), `eval_step`.
-2. Loss and metrics: `cross_entropy`, `soft_cross_entropy`, `metric_sums`, `means`, `zero_sums`.
-3. The jitted forms: `train_steps` (several steps per call) jitted by `jit_train_steps`, `jit_steps`
-   and `jit_eval_step`; `evaluate` over a split.
-4. The run: `Run`, everything a run is made of, and `build_run`.
-5. The epoch loop: `_train_epochs`, logging (`_log_train`), the epoch's end (`_end_epoch`), the
-   results (`_finish`).
-6. `train_and_evaluate`: start-up (restore or refuse, record, compile), the loop, the results.
+1. The steps: `train_step`, one optimizer update (Mixup/CutMix by `mixing`; the `gradients` of
+   `loss_and_sums`, whose `cross_entropy` / `soft_cross_entropy` is the loss, in micro-batches
+   with config.accumulate_steps), and `eval_step`.
+2. The jitted forms: `train_call`, K train steps in one call, each taking its batch from the
+   feed's input (`data.ResidentFeed.batch`, `data.StreamedFeed.batch`), jitted by
+   `jit_train_call`; `jit_train_step` (one step on a given batch: the benchmark's) and
+   `jit_eval_step`; `evaluate` over a split.
+3. The run: `Run`, everything a run is made of, with its compiled calls
+   (`compiled_train_call(k)`, `compiled_eval_step()`), and `build_run`.
+4. The epoch loop: `_train_epochs`, logging (`_log_train`), the epoch's end (`_end_epoch`, with
+   the attention grid of `_draw_attention`), the results (`_finish`).
+5. `train_and_evaluate`: start-up (restore or refuse, record, compile), the loop, the results.
 """
 
 import dataclasses
@@ -42,22 +46,21 @@ from attn_jax import (
     data,
     inference,
     mixing,
+    model_stats,
     normalization,
     preprocess,
     progress,
     run_record,
-    summary,
     validate,
     workdir_lock,
 )
 from attn_jax.errors import UserError
+from attn_jax.metrics import Metrics, attention_entropy, means, metric_sums, zero_sums
 from attn_jax.metrics_log import MetricsLog, format_duration
-from attn_jax.optimizer import check_accumulation
+from attn_jax.optimizer import accumulated_gradients, check_accumulation
 from attn_jax.run_guard import DispatchQueue, StopSignals, finished_run, refuse_to_start_over
 from attn_jax.state import TrainState, has_ema, initial_state, run_keys, update_ema
 from attn_jax.warm_start import warm_start
-
-Metrics = dict[str, jax.Array]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,15 +71,19 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, stats, *,
     """One optimizer update on a global batch of uint8 images; returns metric sums over the batch.
 
     The step's randomness is `fold_in(key, step)`: a resumed run replays the same stream. The whole
-    batch is augmented at once (one key per example), then `gradients` may split it into
-    micro-batches; with EMA on, the average follows the updated parameters.
+    batch is augmented at once (one key per example), then Mixup or CutMix (config.mixup,
+    `mixing.mix_batch`) gives it "targets" [B, C] for the loss and as "labels" each mixed example's
+    dominant label, against which the train top-1 and top-5 are measured; `gradients` may split it
+    into micro-batches; with EMA on, the average follows the updated parameters.
     """
     augment_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
-    if mixing.enabled(config.get("mixup")):  # a key of its own only then: the rest draw as before
+    if mixing.enabled(config.mixup):  # a key of its own only then: the rest draw as before
         augment_key, mix_key = jax.random.split(augment_key)
     images = preprocess.for_train(batch["images"], augment_key, config.preprocess, stats)
-    if mixing.enabled(config.get("mixup")):
-        images, batch = mixed(images, batch, mix_key, config)
+    if mixing.enabled(config.mixup):
+        images, targets, dominant = mixing.mix_batch(images, batch["labels"],
+                                                     config.dataset.num_classes, mix_key, config.mixup)
+        batch = {**batch, "labels": dominant, "targets": targets}
     grads, sums = gradients(state, {**batch, "images": images}, dropout_key, config)
     state = state.apply_gradients(grads=grads)
     if config.ema.decay:
@@ -84,47 +91,15 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, stats, *,
     return state, sums
 
 
-def mixed(images: jax.Array, batch: dict, key: jax.Array,
-          config: ml_collections.ConfigDict) -> tuple[jax.Array, dict]:
-    """Mixup or CutMix of the whole global batch (`mixing.mix_batch`, config.mixup): the mixed
-    images, and the batch with "targets" [B, C] for the loss and "labels" the dominant label of each
-    mixed example, against which the train top-1 and top-5 are measured."""
-    images, targets, dominant = mixing.mix_batch(images, batch["labels"],
-                                                 config.dataset.num_classes, key, config.mixup)
-    return images, {**batch, "labels": dominant, "targets": targets}
-
-
 def gradients(state: TrainState, batch: dict, dropout_key: jax.Array,
               config: ml_collections.ConfigDict) -> tuple[Any, Metrics]:
-    """The gradient of the batch's mean loss and the batch's metric sums.
-
-    With config.accumulate_steps = k > 1, the batch of B examples is split into k micro-batches of
-    B / k (`micro_batches`), whose gradients a `lax.scan` sums inside this one jitted step, then
-    divides by k: the mean of equal-sized micro-batches' means is the batch's mean, so one optimizer
-    update sees the gradient of the whole batch, and activations are held for B / k examples only.
-    Chosen over optax.MultiSteps, which would make every micro-batch a call that counts as a step:
-    here `state.step`, the schedule, the logged step and the checkpoints all count optimizer updates,
-    the batch still means the examples per update, and no half-accumulated gradient ever needs
-    saving, so resume stays exact. Micro-batch j draws its dropout from fold_in(key, j) (k = 1 keeps
-    the key itself); the augmentation was drawn for the whole batch before the split.
-    """
+    """The gradient of the batch's mean loss and the batch's metric sums, in config.accumulate_steps
+    micro-batches (`optimizer.accumulated_gradients`: still one update, with the whole batch's
+    gradient; 1: the batch at once)."""
     grad_fn = jax.grad(functools.partial(loss_and_sums, apply_fn=state.apply_fn, config=config),
                        has_aux=True)
-    k = config.accumulate_steps
-    if k == 1:
-        return grad_fn(state.params, batch, dropout_key)
-
-    def micro_step(total, xs):
-        j, micro = xs
-        step = grad_fn(state.params, micro, jax.random.fold_in(dropout_key, j))
-        return jax.tree.map(jnp.add, total, step), None
-
-    micros = micro_batches(batch, k)
-    shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micros),
-                            dropout_key)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    (grads, sums), _ = jax.lax.scan(micro_step, zeros, (jnp.arange(k), micros))
-    return jax.tree.map(lambda g: g / k, grads), sums
+    return accumulated_gradients(grad_fn, state.params, batch, dropout_key,
+                                 config.accumulate_steps)
 
 
 def loss_and_sums(params, batch: dict, dropout_key: jax.Array, *, apply_fn: Callable,
@@ -140,14 +115,17 @@ def loss_and_sums(params, batch: dict, dropout_key: jax.Array, *, apply_fn: Call
     return jnp.mean(losses), metric_sums(logits, batch["labels"], losses, batch["mask"])
 
 
-def micro_batches(batch: dict, k: int) -> dict:
-    """[B, ...] -> [k, B / k, ...]: micro-batch j holds examples j, j + k, j + 2k, ... so that each
-    device's contiguous share of the batch holds B / (k * devices) examples of every micro-batch
-    and the split moves no data between devices (hence a batch divisible by k * devices)."""
-    def split(x):
-        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
+    """Per-example softmax cross-entropy in float32, with label smoothing: [B, C], [B] -> [B]."""
+    return soft_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
 
-    return jax.tree.map(split, batch)
+
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float) -> jax.Array:
+    """`cross_entropy` against target distributions (Mixup/CutMix's mixed one-hots), smoothed as
+    one-hot labels are: [B, C], [B, C] -> [B]. Smoothing is linear, so smoothing the mixed targets is
+    mixing the smoothed ones, timm's mixup_target."""
+    targets = optax.smooth_labels(targets, smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
 def eval_step(state: TrainState, batch: dict, stats, *,
@@ -163,83 +141,25 @@ def eval_step(state: TrainState, batch: dict, stats, *,
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Loss and metrics
+# 2. The jitted forms
 # ---------------------------------------------------------------------------------------------
-def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
-    """Per-example softmax cross-entropy in float32, with label smoothing: [B, C], [B] -> [B]."""
-    return soft_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
-
-
-def soft_cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float) -> jax.Array:
-    """`cross_entropy` against target distributions (Mixup/CutMix's mixed one-hots), smoothed as
-    one-hot labels are: [B, C], [B, C] -> [B]. Smoothing is linear, so smoothing the mixed targets is
-    mixing the smoothed ones, timm's mixup_target."""
-    targets = optax.smooth_labels(targets, smoothing)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
-def metric_sums(logits: jax.Array, labels: jax.Array, losses: jax.Array,
-                mask: jax.Array) -> Metrics:
-    """Sums over the real (mask=True) examples: loss, top-1 and top-5 hits, and their count."""
-    mask = mask.astype(jnp.float32)
-    k = min(5, logits.shape[-1])
-    top5 = jax.lax.top_k(logits, k)[1]
-    return {
-        "loss": jnp.sum(losses * mask),
-        "top1": jnp.sum((top5[:, 0] == labels) * mask),
-        "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
-        "count": jnp.sum(mask),
-    }
-
-
-def attention_entropy(attention: jax.Array) -> jax.Array:
-    """Entropy in nats of each attention map: [B, N] -> [B]; log(N) for a uniform map, 0 for one
-    patch."""
-    attention = attention.astype(jnp.float32)
-    return -jnp.sum(attention * jnp.log(jnp.clip(attention, 1e-12)), axis=-1)
-
-
-def means(sums: Metrics) -> dict[str, float]:
-    """Metric sums (fetched to the host) -> means; accuracies are fractions in [0, 1]."""
-    sums = jax.device_get(sums)
-    count = max(float(sums["count"]), 1.0)
-    return {k: float(v) / count for k, v in sums.items() if k != "count"}
-
-
-def zero_sums(mesh: Mesh) -> Metrics:
-    """Empty training-metric accumulators, replicated over `mesh`."""
-    zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "top1", "top5", "count")}
-    return jax.device_put(zeros, NamedSharding(mesh, PartitionSpec()))
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. The jitted forms
-# ---------------------------------------------------------------------------------------------
-def train_steps(state: TrainState, sums: Metrics, feed: dict, key: jax.Array, stats, *,
-                config: ml_collections.ConfigDict, num_steps: int, resident: bool,
-                mesh: Mesh) -> tuple[TrainState, Metrics]:
+def train_call(state: TrainState, sums: Metrics, inputs: dict, key: jax.Array, stats, *,
+               config: ml_collections.ConfigDict, num_steps: int,
+               batch_of: Callable[[dict, jax.Array, Any], dict]) -> tuple[TrainState, Metrics]:
     """`num_steps` train steps in one call (a `lax.scan` over the steps when more than one), their
-    metric sums added to `sums`.
-
-    `feed` is either the device-resident split and the epoch's order (`resident`: each step gathers
-    its batch by its step number, `data.batch_from_resident`) or `num_steps` stacked host batches.
-    """
-    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    metric sums added to `sums`. Step i of the call takes its batch from the feed's input `inputs`
+    as `batch_of(inputs, state.step, i)` says (the feed's `batch`)."""
 
     def one_step(carry, i):
         state, sums = carry
-        if resident:
-            batch = data.batch_from_resident(feed, state.step, config.batch_size)
-            batch = jax.lax.with_sharding_constraint(batch, sharded)
-        else:
-            batch = jax.tree.map(lambda x: x[i], feed)
-        state, step_sums = train_step(state, batch, key, stats, config=config)
+        state, step_sums = train_step(state, batch_of(inputs, state.step, i), key, stats,
+                                      config=config)
         return (state, jax.tree.map(jnp.add, sums, step_sums)), None
 
     if num_steps == 1:
         return one_step((state, sums), 0)[0]
     return jax.lax.scan(one_step, (state, sums), jnp.arange(num_steps),
-                        unroll=unroll_steps(config.get("unroll_steps", "auto")))[0]
+                        unroll=unroll_steps(config.unroll_steps))[0]
 
 
 def unroll_steps(setting: str) -> bool:
@@ -248,56 +168,54 @@ def unroll_steps(setting: str) -> bool:
     loop elsewhere (unrolling multiplies the compile time by the steps per call)."""
     if setting == "auto":
         return jax.default_backend() == "cpu"
-    if setting not in ("unroll", "loop"):
-        raise UserError(f"config.unroll_steps is {setting!r}: use 'auto', 'unroll' or 'loop'")
     return setting == "unroll"
 
 
-def jit_train_steps(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int,
-                    resident: bool) -> Callable:
-    """`train_steps` jitted over `mesh`: the train state and the metric sums replicated and donated;
-    a resident feed replicated, stacked host batches sharded on `data` along the batch axis."""
+def jit_train_call(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int,
+                   feed: data.Feed | type[data.Feed]) -> Callable:
+    """`train_call` jitted over `mesh` for a feed (a `data.ResidentFeed` or `data.StreamedFeed`, or
+    the class): its input placed as the feed's `sharding(mesh)`, each step's batch its `batch`; the
+    train state and the metric sums replicated and donated."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    feed = replicated if resident else NamedSharding(mesh, data.STACKED_BATCH_AXIS)
-    return jax.jit(functools.partial(train_steps, config=config, num_steps=num_steps,
-                                     resident=resident, mesh=mesh),
-                   in_shardings=(replicated, replicated, feed, replicated, replicated),
+    batch_of = functools.partial(feed.batch, mesh=mesh)
+    return jax.jit(functools.partial(train_call, config=config, num_steps=num_steps,
+                                     batch_of=batch_of),
+                   in_shardings=(replicated, replicated, feed.sharding(mesh), replicated, replicated),
                    out_shardings=(replicated, replicated), donate_argnums=(0, 1))
 
 
-def jit_steps(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Callable, Callable]:
-    """`train_step` on a given global batch and `eval_step`, jitted over `mesh`: batch sharded on
-    `data`, the rest replicated, the train state donated. (Runs call `jit_train_steps`; the
-    benchmark times and counts FLOPs of this single step.)"""
+def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
+    """`train_step` on a given global batch, jitted over `mesh`: the batch sharded on `data`, the
+    rest replicated, the train state donated. (Runs call `jit_train_call`; the benchmark times and
+    counts the FLOPs of this single step.)"""
     replicated = NamedSharding(mesh, PartitionSpec())
-    sharded = NamedSharding(mesh, PartitionSpec("data"))
-    train = jax.jit(functools.partial(train_step, config=config),
-                    in_shardings=(replicated, sharded, replicated, replicated),
-                    out_shardings=(replicated, replicated), donate_argnums=0)
-    return train, jit_eval_step(config, mesh)
+    sharded = NamedSharding(mesh, data.BATCH_AXIS)
+    return jax.jit(functools.partial(train_step, config=config),
+                   in_shardings=(replicated, sharded, replicated, replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def jit_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
     """`eval_step` jitted over `mesh`: the batch sharded on `data`, the rest replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    sharded = NamedSharding(mesh, data.BATCH_AXIS)
     return jax.jit(functools.partial(eval_step, config=config),
                    in_shardings=(replicated, sharded, replicated), out_shardings=replicated)
 
 
-def evaluate(eval_fn: Callable, state: TrainState, split: data.Split, local_batch: int,
+def evaluate(eval_step_fn: Callable, state: TrainState, split: data.Split, local_batch: int,
              mesh: Mesh, stats) -> dict[str, float]:
-    """Mean loss, top-1 and top-5 over every example of `split`, each counted exactly once, and
-    `examples`, the number of examples counted."""
+    """Mean loss, top-1 and top-5 over every example of `split`, each counted exactly once (by
+    `eval_step_fn`, a jitted or compiled eval step), and `examples`, the number of examples counted."""
     total = None
     for batch in data.prefetch_to_mesh(data.eval_batches(split, local_batch), mesh):
-        sums = eval_fn(state, batch, stats)
+        sums = eval_step_fn(state, batch, stats)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     return {**means(total), "examples": int(total["count"])}
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. The run
+# 3. The run
 # ---------------------------------------------------------------------------------------------
 def create_mesh(devices=None) -> Mesh:
     """A 1-D mesh named `data` over `devices` (default: every device of every process)."""
@@ -319,12 +237,11 @@ class Run:
     num_params: int
     schedule: optax.Schedule
     state: TrainState
-    eval_fn: Callable
     train_key: jax.Array
     stats: dict | None
-    feed: data.ResidentFeed | data.StreamedFeed | None = None  # built by `start_feed`
-    train_calls: dict[int, Callable] = dataclasses.field(default_factory=dict)
-    compiled_eval: Callable | None = None  # `eval_call`'s
+    feed: data.Feed | None = None  # built by `start_feed`
+    train_calls: dict[int, Callable] = dataclasses.field(default_factory=dict)  # by steps per call
+    compiled_eval: Callable | None = None  # `compiled_eval_step`'s
 
     def start_feed(self) -> None:
         """Decodes the training split onto the devices (or starts streaming it)."""
@@ -332,39 +249,31 @@ class Run:
                                    self.config.batch_size, self.config.seed)
 
     def compile(self) -> float:
-        """Compiles the eval step ahead of time (`eval_call`); returns the seconds it took."""
+        """Compiles the eval step ahead of time (`compiled_eval_step`); returns the seconds it took."""
         start = time.perf_counter()
-        self.eval_call()
+        self.compiled_eval_step()
         return time.perf_counter() - start
 
-    def eval_call(self) -> Callable:
-        """The compiled eval step for the run's batch shape (compiled at its first use, once)."""
+    def compiled_eval_step(self) -> Callable:
+        """The eval step compiled for the run's batch shape (at its first use, once)."""
         if self.compiled_eval is None:
-            batch = self._batch_spec(self.config.eval_batch_size)
-            self.compiled_eval = self.eval_fn.lower(self.state, batch, self.stats).compile()
+            batch = data.batch_spec(self.config.eval_batch_size, self.splits["train"].image_shape,
+                                    self.mesh)
+            jitted = jit_eval_step(self.config, self.mesh)
+            self.compiled_eval = jitted.lower(self.state, batch, self.stats).compile()
             self._synchronised()
         return self.compiled_eval
 
-    def train_call(self, num_steps: int) -> Callable:
-        """The compiled call of `num_steps` train steps (compiled at its first use, once per run)."""
+    def compiled_train_call(self, num_steps: int) -> Callable:
+        """`jit_train_call` of `num_steps` steps for the run's feed, compiled (at its first use, once
+        per run): (state, sums, the feed's input, train key, stats) -> (state, sums)."""
         if num_steps not in self.train_calls:
-            jitted = jit_train_steps(self.config, self.mesh, num_steps, self.feed.resident)
-            feed = (next(self.feed.epoch(0, 0, [1])) if self.feed.resident else
-                    self._batch_spec(self.config.batch_size, steps=num_steps))
+            jitted = jit_train_call(self.config, self.mesh, num_steps, self.feed)
             self.train_calls[num_steps] = jitted.lower(
-                self.state, zero_sums(self.mesh), feed, self.train_key, self.stats).compile()
+                self.state, zero_sums(self.mesh), self.feed.call_spec(num_steps), self.train_key,
+                self.stats).compile()
             self._synchronised()
         return self.train_calls[num_steps]
-
-    def _batch_spec(self, size: int, steps: int | None = None) -> dict:
-        """The abstract global batch of `size` examples; with `steps`, `steps` of them stacked."""
-        lead, spec = ((), data.BATCH_AXIS) if steps is None else ((steps,), data.STACKED_BATCH_AXIS)
-        sharding = NamedSharding(self.mesh, spec)
-        shape = (*lead, size)
-        return {"images": jax.ShapeDtypeStruct((*shape, *self.splits["train"].image_shape),
-                                               jnp.uint8, sharding=sharding),
-                "labels": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
-                "mask": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sharding)}
 
     def _synchronised(self) -> None:
         """In a multi-process job, waits for every process to finish compiling, so none starts its
@@ -392,7 +301,7 @@ class Run:
         """Mean loss, top-1 and top-5 of the current state on split "train", "val" or "test"; with
         `ema`, of its EMA parameters (the same compiled step: the same tree, the params swapped)."""
         state = self.state.replace(params=self.state.ema_params) if ema else self.state
-        return evaluate(self.eval_call(), state, self.splits[split], self.local_eval_batch,
+        return evaluate(self.compiled_eval_step(), state, self.splits[split], self.local_eval_batch,
                         self.mesh, self.stats)
 
     def evaluate_logged(self, split: str) -> dict[str, float]:
@@ -406,7 +315,7 @@ class Run:
 
 def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path, *,
               abstract: bool = False) -> Run:
-    """Loads the splits and builds the model, optimizer, initial state and jitted eval step.
+    """Loads the splits and builds the model, optimizer and initial state.
     `abstract`: the state's shapes and shardings only (`state.initial_state`), for a run whose
     state a checkpoint then replaces (--mode=eval|attend); training's is real."""
     validate.check(config)
@@ -414,7 +323,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path, *,
     check_accumulation(config.batch_size, config.accumulate_steps, mesh)
     local_eval_batch = data.local_batch_size(config.eval_batch_size, mesh)
     splits = data.load_splits(config)
-    steps_per_epoch = splits["train"].num_examples // config.batch_size
+    steps_per_epoch = data.steps_per_epoch(splits["train"].num_examples, config.batch_size)
     if steps_per_epoch == 0:
         raise UserError(f"config.batch_size {config.batch_size} is larger than the training split "
                         f"({splits['train'].num_examples} examples): lower it")
@@ -434,12 +343,11 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path, *,
     train_key, stats = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, PartitionSpec()))(
         (train_key, stats))
     return Run(config, mesh, splits, local_eval_batch, steps_per_epoch, total_steps, model,
-               summary.total_params(model, image_shape), schedule, state,
-               jit_eval_step(config, mesh), train_key, stats)
+               model_stats.total_params(model, image_shape), schedule, state, train_key, stats)
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. The epoch loop
+# 4. The epoch loop
 # ---------------------------------------------------------------------------------------------
 def _train_epochs(run: Run, sums: Metrics, log: MetricsLog, ckpt: checkpoint.Checkpointer,
                   pace: progress.Pace, stop: StopSignals) -> bool:
@@ -451,9 +359,10 @@ def _train_epochs(run: Run, sums: Metrics, log: MetricsLog, ckpt: checkpoint.Che
         epoch_end = (epoch + 1) * run.steps_per_epoch
         sizes = data.call_sizes(step, epoch_end, config.steps_per_call,
                                 (config.log_every_steps, run.save_every))
-        for n, feed in zip(sizes, run.feed.epoch(epoch, step % run.steps_per_epoch, sizes),
-                           strict=True):
-            run.state, sums = run.train_call(n)(run.state, sums, feed, run.train_key, run.stats)
+        for n, inputs in zip(sizes, run.feed.epoch(epoch, step % run.steps_per_epoch, sizes),
+                             strict=True):
+            run.state, sums = run.compiled_train_call(n)(run.state, sums, inputs, run.train_key,
+                                                         run.stats)
             queue.dispatched(run.state.step)
             step += n
             pace.stepped(n, sums)
@@ -493,8 +402,28 @@ def _end_epoch(run: Run, log: MetricsLog, ckpt: checkpoint.Checkpointer, pace: p
         ckpt.save(run.state, sums, run.description, metrics=val)
         log.info(f"epoch {epoch}/{config.num_epochs} step {step}: {log.epoch_line()} | "
                  f"{pace.median():.0f} img/s | ETA {format_duration(pace.eta(step))}")
-        if (every := config.get("attention_every_epochs", 0)) and epoch % every == 0:
-            inference.render_epoch(run, log, epoch)  # DIR/attention/epoch_XXX.png
+        if config.attention_every_epochs and epoch % config.attention_every_epochs == 0:
+            _draw_attention(run, log, epoch)
+
+
+def _draw_attention(run: Run, log: MetricsLog, epoch: int) -> None:
+    """The current model's attention on the first config.attention_images validation images
+    (`inference.fixed_images`): DIR/attention/epoch_XXX.png and TensorBoard's "attention_maps" at
+    the current step, by process 0. A model without an attention map is said to have none."""
+    config = run.config
+    if not log.is_writer:
+        return
+    images, labels = inference.fixed_images(run.splits["val"], config.attention_images)
+    probs, attention = inference.predict(run.model, run.state.params, images, config.preprocess,
+                                         run.stats)
+    if attention is None:
+        log.info(f"model {config.model.name!r} has no attention map: no attention/ grid "
+                 "(set config.attention_every_epochs = 0)")
+        return
+    pixels = attention_maps.render_epoch_grid(
+        images, labels, probs, attention, data.class_names(config.dataset),
+        f"{config.model.name}, epoch {epoch}", log.workdir / "attention" / f"epoch_{epoch:03d}.png")
+    log.write_image(int(run.state.step), "attention_maps", pixels)
 
 
 def _finish(run: Run, log: MetricsLog, ckpt: checkpoint.Checkpointer, pace: progress.Pace,
@@ -536,7 +465,7 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. train_and_evaluate
+# 5. train_and_evaluate
 # ---------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None,
                        hparams: dict | None = None) -> dict | None:
@@ -611,17 +540,14 @@ def _stopped_before_training(ckpt: checkpoint.Checkpointer, signal_name: str, st
 
 def _log_start(log: MetricsLog, run: Run, ckpt: checkpoint.Checkpointer, resumed: bool,
                compile_seconds: float) -> None:
-    config = run.config
+    config, k = run.config, run.config.accumulate_steps
     if resumed:
         log.info(f"resumed from the checkpoint at step {run.step} in {ckpt.directory}")
+    micro = f" (accumulated over {k} micro-batches)" if k > 1 else ""
     log.info(f"{config.model.name}: {run.num_params:,} parameters; {run.steps_per_epoch} steps/"
              f"epoch x {config.num_epochs} epochs on {run.mesh.devices.size} device(s) "
-             f"({jax.default_backend()}), global batch {config.batch_size}"
-             f"{_micro_batches_note(config.accumulate_steps)}, "
+             f"({jax.default_backend()}), global batch {config.batch_size}{micro}, "
              f"{config.steps_per_call} step(s) per call, training data "
              f"{'on the devices' if run.feed.resident else 'streamed'}; eval step compiled in "
              f"{compile_seconds:.1f}s")
 
-
-def _micro_batches_note(k: int) -> str:
-    return f" (accumulated over {k} micro-batches)" if k > 1 else ""

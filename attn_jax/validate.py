@@ -59,7 +59,8 @@ def _cross_field(config: ml_collections.ConfigDict) -> None:
 
 def _optimizer(config: ml_collections.ConfigDict) -> None:
     """LAMB decays inside its trust ratio, so only the learning-rate-scaled convention applies; the
-    batch must split into whole micro-batches (over the devices too: `train.check_accumulation`)."""
+    batch must split into whole micro-batches (over the devices too:
+    `optimizer.check_accumulation`)."""
     o = config.optimizer
     if o.name == "lamb" and o.weight_decay_mode != "lr_scaled":
         raise UserError(f"config.optimizer.weight_decay_mode is {o.weight_decay_mode!r}: LAMB "

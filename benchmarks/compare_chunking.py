@@ -36,7 +36,7 @@ def compiled_step(config, mesh, batch, stats, impl: str, chunk_mib: float | None
         chunking.CHUNK_BYTES = int(chunk_mib * 2 ** 20)  # read when the step is traced
     try:
         _, state, train_key = steps.initial_state(config, mesh, impl=impl)
-        train_fn, _ = train.jit_steps(config, mesh)
+        train_fn = train.jit_train_step(config, mesh)
         return [train_fn.lower(state, batch, train_key, stats).compile(), state, train_key]
     finally:
         chunking.CHUNK_BYTES = default

@@ -219,7 +219,7 @@ def run_steps(config, mesh, batches):
     schedule = optimizer.create_learning_rate_fn(config.optimizer, 10)
     tx = optimizer.create_optimizer(config.optimizer, schedule)
     state = create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh)
-    train_fn, eval_fn = train.jit_steps(config, mesh)
+    train_fn, eval_fn = train.jit_train_step(config, mesh), train.jit_eval_step(config, mesh)
     losses = []
     for batch in batches:
         state, sums = train_fn(state, data.to_global(batch, mesh), jax.random.key(1), None)

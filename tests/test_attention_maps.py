@@ -35,6 +35,20 @@ def test_render_grid_writes_a_png_of_the_announced_size(tmp_path):
     assert pixels.shape == (*attention_maps.grid_pixels(6)[::-1], 3) and pixels.dtype == np.uint8
 
 
+def test_epoch_grid_titles_each_image_with_its_classes_and_counts_the_right_ones(tmp_path, monkeypatch):
+    images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), np.uint8)
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.2, 0.5, 0.3]], np.float32)
+    drawn = {}
+    monkeypatch.setattr(attention_maps, "render_grid", lambda *args, **kw: drawn.update(
+        titles=args[2], **kw))
+    attention_maps.render_epoch_grid(images, np.array([0, 1, 1]), probs, _attention(3, 16),
+                                     ["cat", "dog", "fox"], "model, epoch 2", tmp_path / "g.png")
+    assert drawn["titles"] == ["true cat\npred cat (70%)", "true dog\npred fox (60%)",
+                               "true dog\npred dog (50%)"]
+    assert drawn["colors"] == ["green", "red", "green"]
+    assert drawn["suptitle"] == "model, epoch 2: 2/3 correct (green)"
+
+
 def test_render_side_by_side_writes_a_png_of_a_fixed_size(tmp_path):
     image = np.random.default_rng(2).integers(0, 256, (101, 67, 3), np.uint8)  # any size
     path = tmp_path / "attend" / "photo.png"

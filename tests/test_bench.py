@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import load_experiment
 
-from attn_jax import bench, registry, summary, train
+from attn_jax import bench, model_stats, registry, train
 from attn_jax.bench import flops, host, peaks, profile, steps
 from attn_jax.bench.compilations import count_compilations
 from attn_jax.fast import chunking
@@ -102,7 +102,7 @@ def test_warm_up_continues_until_two_blocks_fault_no_memory_in(monkeypatch, warm
 def test_model_flops_are_the_summary_multiply_adds_doubled(tiny_config):
     model = registry.create_model(tiny_config(), 10)
     shape = (16, 16, 3)
-    macs = summary.forward_macs(model, summary.abstract_variables(model, shape), shape)
+    macs = model_stats.forward_macs(model, model_stats.abstract_variables(model, shape), shape)
     # dim 16, 16x16 input: stem 3x3 s2 3->8 on 8x8 and 8->16 on 4x4, then the trunk and pooling.
     assert macs > 8 * 8 * 27 * 8 + 4 * 4 * 72 * 16
     assert flops.model_flops(model, shape) == 2 * macs
@@ -155,11 +155,11 @@ def test_a_fast_step_counts_the_flops_of_its_reference_form(monkeypatch, attenti
     for impl in ("reference", "fast"):
         config = _tiny_eanet(attention, impl)
         _, state, train_key = steps.initial_state(config, mesh)
-        train_fn, _ = train.jit_steps(config, mesh)
+        train_fn = train.jit_train_step(config, mesh)
         batch = steps.synthetic_batch(config.batch_size, (16, 16, 3), 100, mesh)
         stats = steps.placeholder_stats(config)
         compiled = train_fn.lower(state, batch, train_key, stats).compile()
-        own[impl] = summary.cost_flops(compiled) * mesh.devices.size
+        own[impl] = model_stats.cost_flops(compiled) * mesh.devices.size
         counted[impl] = flops.xla_flops(train_fn, compiled, state, batch, train_key, stats,
                                         config=config, num_devices=mesh.devices.size)
     assert counted["fast"] == counted["reference"] == own["reference"]

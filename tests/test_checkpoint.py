@@ -209,7 +209,7 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, digits_
         final = train.train_and_evaluate(_config(digits_data_dir), str(workdir))
     # A resumed run compiles each step once: the partial last evaluation batch (val: 120 = 64 + 56)
     # is padded to the compiled shape, and the val and test splits share the eval step.
-    assert (compilations["jit(train_steps)"], compilations["jit(eval_step)"]) == (1, 1)
+    assert (compilations["jit(train_call)"], compilations["jit(eval_step)"]) == (1, 1)
     out = capsys.readouterr().out
     assert f"checkpoint {workdir / 'checkpoints' / str(steps[-1])} is unreadable" in out
     assert (workdir / "checkpoints_unreadable" / str(steps[-1])).is_dir()  # set aside, not lost

@@ -2,14 +2,16 @@
 alike, calls that end on log and checkpoint steps, TFRecord data, each process's shard of a split,
 and clear errors for data that cannot be read."""
 
+import functools
+
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from conftest import in_process_digits_config, small_digits_config
 from PIL import Image
 
 from attn_jax import data, train
+from attn_jax.config import base
 from attn_jax.errors import UserError
 
 
@@ -61,11 +63,12 @@ def test_resident_and_streamed_feeds_give_the_same_batches(digits_data_dir):
     resident = data.ResidentFeed(split, mesh, global_batch=16, seed=7)
     streamed = data.StreamedFeed(split, mesh, global_batch=16, seed=7, prefetch=2)
     assert resident.steps_per_epoch == streamed.steps_per_epoch == 6  # 100 // 16, the tail dropped
-    gather = jax.jit(data.batch_from_resident, static_argnums=2)
+    gather = jax.jit(functools.partial(data.ResidentFeed.batch, i=0, mesh=mesh))  # as a call does
 
     def resident_batches(epoch, start):
-        feed = next(resident.epoch(epoch, start, [1]))
-        return [jax.device_get(gather(feed, epoch * 6 + s, 16)) for s in range(start, 6)]
+        inputs = next(resident.epoch(epoch, start, [1]))
+        assert inputs["order"].shape == (6, 16)  # the epoch's batches
+        return [jax.device_get(gather(inputs, epoch * 6 + s)) for s in range(start, 6)]
 
     seen = []
     for epoch, start in ((0, 0), (1, 0), (1, 4)):  # (1, 4): a run resumed at step 10
@@ -78,10 +81,13 @@ def test_resident_and_streamed_feeds_give_the_same_batches(digits_data_dir):
         seen.append(np.concatenate([b["labels"] for b in expected]))
     assert not np.array_equal(seen[0], seen[1])  # each epoch its own order
     np.testing.assert_array_equal(seen[2], seen[1][4 * 16:])  # the resume continues the epoch
-    # The streamed feed's stacked calls hold the same batches, sharded over the devices.
+    # The streamed feed's stacked calls hold the same batches, sharded over the devices, and step i
+    # of a call takes the i-th.
     calls = list(streamed.epoch(1, 4, [2]))
     assert calls[0]["images"].shape == (2, 16, 32, 32, 3)
     np.testing.assert_array_equal(jax.device_get(calls[0]["labels"]).ravel(), seen[2])
+    second = data.StreamedFeed.batch(calls[0], step=11, i=1, mesh=mesh)
+    np.testing.assert_array_equal(jax.device_get(second["labels"]), seen[2][16:])
 
 
 def test_tfrecord_data_reads_like_array_record(digits_data_dir, digits_tfrecord_dir):
@@ -116,7 +122,7 @@ def _mixed_size_split(n: int = 64, workers: int = 0, size: int = 16) -> data.Spl
                for i in range(n)]
     examples = data.Examples(records, "image", "label", data.CenterCrop(size, 0.875))
     return data.Split("mixed", examples, (size, size, 3), workers,
-                      data.InceptionCrop(size, SCALE, RATIO))
+                      data.RandomResizedCrop(size, SCALE, RATIO))
 
 
 @pytest.mark.parametrize("height, width", [(40, 60), (33, 20), (64, 64), (17, 16), (90, 30),
@@ -124,7 +130,7 @@ def _mixed_size_split(n: int = 64, workers: int = 0, size: int = 16) -> data.Spl
 def test_inception_box_stays_inside_the_image_and_its_ranges(height, width):
     """torchvision's RandomResizedCrop.get_params: a box inside the image whose area fraction and
     width / height ratio lie in their ranges up to whole-pixel rounding, or the central fallback."""
-    crop = data.InceptionCrop(16, SCALE, RATIO)
+    crop = data.RandomResizedCrop(16, SCALE, RATIO)
     area, boxes = height * width, set()
     in_ratio = width / height
     fallback_w = width if in_ratio <= RATIO[1] else round(height * RATIO[1])
@@ -154,7 +160,8 @@ def test_inception_crops_are_a_function_of_seed_epoch_and_position(monkeypatch):
     mesh = train.create_mesh()
     split = _mixed_size_split()
     feed = data.StreamedFeed(split, mesh, global_batch=16, seed=3, prefetch=2)
-    limit = ml_collections.ConfigDict({"resident_limit_mib": 1024})
+    limit = base().dataset
+    limit.resident_limit_mib = 1024
     assert not data.is_resident(split, limit, mesh)  # random crops always stream
     whole = list(feed.host_batches(1, 0))
     assert len(whole) == 4 and whole[0]["images"].shape == (16, 16, 16, 3)
@@ -226,7 +233,7 @@ def test_default_crops_leave_the_host_batches_unchanged(digits_data_dir):
     config = in_process_digits_config(digits_data_dir, **{"dataset.image_size": 24})
     assert (config.dataset.crop, config.dataset.eval_crop_fraction) == ("resize", 1.0)
     split = data.load_split(config.dataset, "train[:48]")
-    assert split.train_view == split.examples.view == data.Squash(24)
+    assert split.train_view == split.examples.view == data.Resize(24)
     raw = [np.asarray(split.examples.records[i]["image"]) for i in range(48)]
     expected = np.stack([np.asarray(Image.fromarray(r).resize((24, 24), Image.Resampling.BILINEAR))
                          for r in raw])  # the host resize as it was written before
@@ -239,7 +246,7 @@ def test_default_crops_leave_the_host_batches_unchanged(digits_data_dir):
     cropped = in_process_digits_config(digits_data_dir, **{
         "dataset.image_size": 24, "dataset.crop": "inception", "dataset.eval_crop_fraction": 0.875})
     split = data.load_split(cropped.dataset, "train[:48]")
-    assert split.train_view == data.InceptionCrop(24, SCALE, RATIO)
+    assert split.train_view == data.RandomResizedCrop(24, SCALE, RATIO)
     assert split.examples.view == data.CenterCrop(24, 0.875)
     feed = data.make_feed(split, cropped.dataset, mesh, 16, 7)
     assert isinstance(feed, data.StreamedFeed)

@@ -11,11 +11,11 @@ import pytest
 from conftest import load_experiment
 from initialisers import check_initialisers, keras_glorot_bound
 
-from attn_jax import registry, summary
+from attn_jax import model_stats, registry
 from attn_jax.errors import UserError
+from attn_jax.model_stats import abstract_variables, total_params
 from attn_jax.models import eanet
 from attn_jax.registry import get_model
-from attn_jax.summary import abstract_variables, total_params
 
 TUTORIAL = dict(num_classes=100, patch_size=2, dim=64, mlp_dim=64, num_heads=4, dim_coefficient=4,
                 num_blocks=8, attention_dropout=0.2, projection_dropout=0.2, attention="external",
@@ -193,7 +193,7 @@ def test_experiment_parameter_counts(experiment, expected):
     config = load_experiment(experiment)
     model = registry.create_model(config, config.dataset.num_classes)
     size = config.preprocess.size
-    assert summary.total_params(model, (size, size, 3)) == expected
+    assert model_stats.total_params(model, (size, size, 3)) == expected
 
 
 def test_vit_differs_from_eanet_only_in_attention():

@@ -4,7 +4,6 @@ does (EMA included where the recipe keeps one), abstractly: no parameter is init
 nothing is compiled, so S60 at 224 px takes seconds."""
 
 import jax
-import jax.numpy as jnp
 import pytest
 from conftest import ROOT
 from jax.sharding import NamedSharding, PartitionSpec
@@ -17,17 +16,6 @@ from attn_jax.state import has_ema, initial_state
 VARIANTS = [pytest.param(path, arg, id=f"{path.stem}:{arg}")
             for path in sorted((ROOT / "experiments").glob("*.py"))
             for arg in load_module(path).VARIANTS]
-
-
-def abstract_batch(size: int, image_shape, mesh, steps: int | None = None) -> dict:
-    """A global batch of `size` uint8 images as ShapeDtypeStructs sharded on `data`; with `steps`,
-    that many stacked (a run's streamed call)."""
-    lead, spec = ((), data.BATCH_AXIS) if steps is None else ((steps,), data.STACKED_BATCH_AXIS)
-    sharding = NamedSharding(mesh, spec)
-    shape = (*lead, size)
-    return {"images": jax.ShapeDtypeStruct((*shape, *image_shape), jnp.uint8, sharding=sharding),
-            "labels": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
-            "mask": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sharding)}
 
 
 def shapes(tree) -> list:
@@ -46,19 +34,19 @@ def test_every_variant_builds_its_state_and_traces_its_train_and_benchmark_steps
                for x in jax.tree.leaves(state))
 
     # A run's call of one step on a streamed batch of the dataset's image size.
-    size = config.dataset.get("image_size")
+    size = config.dataset.image_size
     image_shape = (size, size, 3) if size else steps.raw_image_shape(config)
     key = jax.random.key(config.seed)
-    call = train.jit_train_steps(config, mesh, 1, resident=False)
+    call = train.jit_train_call(config, mesh, 1, data.StreamedFeed)
     stepped, sums = jax.eval_shape(call, state, train.zero_sums(mesh),
-                                   abstract_batch(config.batch_size, image_shape, mesh, steps=1),
+                                   data.batch_spec(config.batch_size, image_shape, mesh, steps=1),
                                    key, stats)
     assert shapes(stepped) == shapes(state) and set(sums) == {"loss", "top1", "top5", "count"}
 
     # The benchmark's state (the same tree) and its single step on a synthetic batch.
     _, bench_state, bench_key = steps.initial_state(config, mesh, abstract=True)
     assert shapes(bench_state) == shapes(state)
-    train_fn, _ = train.jit_steps(config, mesh)
-    batch = abstract_batch(config.batch_size, steps.raw_image_shape(config), mesh)
+    train_fn = train.jit_train_step(config, mesh)
+    batch = data.batch_spec(config.batch_size, steps.raw_image_shape(config), mesh)
     stepped, _ = jax.eval_shape(train_fn, bench_state, batch, bench_key, stats)
     assert shapes(stepped) == shapes(state)

@@ -39,7 +39,7 @@ if int(keras.__version__.split(".")[0]) < 3 or keras.backend.backend() != "jax":
 
 import keras_ports  # noqa: E402
 
-from attn_jax import registry, summary, train  # noqa: E402
+from attn_jax import model_stats, registry, train  # noqa: E402
 
 NUM_CLASSES = 10
 LOGIT_TOL = 1e-5
@@ -397,7 +397,7 @@ def test_tutorial_patch_convnet_parameter_count_equals_the_keras_port(tie):
     size = config.preprocess.size
     keras_model(keras.KerasTensor((1, size, size, 3)))  # builds the weights, computes nothing
     expected = _count(keras_model.trainable_variables)
-    assert summary.total_params(registry.create_model(config, 10), (size, size, 3)) == expected
+    assert model_stats.total_params(registry.create_model(config, 10), (size, size, 3)) == expected
     assert expected == (1_436_426 if tie else 2_174_986)  # reference-models.md
 
 
@@ -406,5 +406,5 @@ def test_tutorial_patch_convnet_parameter_count_equals_the_keras_port(tie):
 def test_tutorial_eanet_parameter_count_equals_the_keras_port(experiment, attention):
     config = load_experiment(experiment)
     keras_model = keras_ports.eanet(attention)  # the tutorial's hyper-parameters
-    assert summary.total_params(registry.create_model(config, 100), (32, 32, 3)) == \
+    assert model_stats.total_params(registry.create_model(config, 100), (32, 32, 3)) == \
         _count(keras_model.trainable_variables)

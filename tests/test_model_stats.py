@@ -1,4 +1,4 @@
-"""attn_jax/summary.py and the paper-family CIFAR experiment, all abstract (no weights, no data);
+"""attn_jax/model_stats.py and the paper-family CIFAR experiment, all abstract (no weights, no data);
 `--mode=summary` of the S60 ImageNet experiment is in test_modes.py."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import load_experiment
 
-from attn_jax import registry, summary
+from attn_jax import model_stats, registry
 from attn_jax.registry import get_model
 
 XLA_LINE = "forward FLOPs per image (XLA cost analysis: all ops, multiply-add = 2): "
@@ -24,13 +24,13 @@ def test_format_summary_prints_both_flop_conventions():
                       layer_scale_init=1e-6, drop_path_rate=0.0, mlp_ratio=3.0,
                       attention_dropout=0.0)
     image = (32, 32, 3)
-    text = summary.format_summary(model, image)
-    variables = summary.abstract_variables(model, image)
+    text = model_stats.format_summary(model, image)
+    variables = model_stats.abstract_variables(model, image)
     xla, paper = _value(text, XLA_LINE), _value(text, PAPER_LINE)
-    assert paper == pytest.approx(summary.forward_macs(model, variables, image) / 1e9, rel=1e-3)
-    assert xla == pytest.approx(summary.forward_flops(model, variables, image) / 1e9, rel=1e-3)
+    assert paper == pytest.approx(model_stats.forward_macs(model, variables, image) / 1e9, rel=1e-3)
+    assert xla == pytest.approx(model_stats.forward_flops(model, variables, image) / 1e9, rel=1e-3)
     assert xla > paper > 0  # XLA: 2 per multiply-add, and element-wise ops on top
-    assert text.splitlines()[-1] == f"total params: {summary.count_params(variables['params']):,}"
+    assert text.splitlines()[-1] == f"total params: {model_stats.count_params(variables['params']):,}"
 
 
 @pytest.mark.parametrize("arg, patches", [(None, 8 * 8), ("smoke", 4 * 4)])
@@ -39,8 +39,8 @@ def test_paper_cifar_experiment_builds(arg, patches):
     assert config.model.name == "patch_convnet"
     model = registry.create_model(config, config.dataset.num_classes)
     size = config.preprocess.size
-    assert summary.total_params(model, (size, size, 3)) > 0
-    variables = summary.abstract_variables(model, (size, size, 3))
+    assert model_stats.total_params(model, (size, size, 3)) > 0
+    variables = model_stats.abstract_variables(model, (size, size, 3))
     images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
     logits, attention = jax.eval_shape(
         lambda v, x: model.apply(v, x, train=False), variables, images)
@@ -82,8 +82,8 @@ def test_tutorial_models_count_exactly_their_multiply_adds(name, expected):
     config = load_experiment(name)
     model = registry.create_model(config, config.dataset.num_classes, impl="reference")
     image = (config.preprocess.size, config.preprocess.size, 3)
-    variables = summary.abstract_variables(model, image)
-    assert summary.forward_macs(model, variables, image) == expected
+    variables = model_stats.abstract_variables(model, image)
+    assert model_stats.forward_macs(model, variables, image) == expected
 
 
 def test_mac_counter_counts_full_kernels_and_matmuls():
@@ -94,4 +94,4 @@ def test_mac_counter_counts_full_kernels_and_matmuls():
 
     shapes = [(1, 8, 8, 4), (3, 3, 2, 6), (5, 7), (7, 3)]
     jaxpr = jax.make_jaxpr(f)(*[jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
-    assert summary._jaxpr_macs(jaxpr.jaxpr) == 4 * 4 * 6 * (9 * 2) + 5 * 7 * 3
+    assert model_stats._jaxpr_macs(jaxpr.jaxpr) == 4 * 4 * 6 * (9 * 2) + 5 * 7 * 3

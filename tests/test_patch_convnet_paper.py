@@ -9,7 +9,7 @@ import optax
 import pytest
 from initialisers import check_initialisers, torch_conv_bound
 
-from attn_jax import summary
+from attn_jax import model_stats
 from attn_jax.models import patch_convnet as pc
 from attn_jax.optimizer import decay_mask
 from attn_jax.registry import get_model
@@ -71,13 +71,13 @@ def variables():
 @pytest.mark.parametrize("name", ["S60", "S120", "B60", "B120", "L60", "L120"])
 def test_variant_params_and_flops(name):
     model = get_model(name, num_classes=1000, drop_path_rate=0.1, attention_dropout=0.0)
-    variables = summary.abstract_variables(model, IMAGE)  # ShapeDtypeStructs only
-    params = summary.count_params(variables["params"])
+    variables = model_stats.abstract_variables(model, IMAGE)  # ShapeDtypeStructs only
+    params = model_stats.count_params(variables["params"])
     assert params == analytic_params(WIDTH[name[0]], int(name[1:]))
     if name in PUBLISHED:
         million, gflops = PUBLISHED[name]
         assert params / 1e6 == pytest.approx(million, rel=0.01)
-        assert summary.forward_macs(model, variables, IMAGE) / 1e9 == pytest.approx(gflops, rel=0.01)
+        assert model_stats.forward_macs(model, variables, IMAGE) / 1e9 == pytest.approx(gflops, rel=0.01)
 
 
 def test_shapes_and_attention_sums_to_one(variables):

@@ -10,7 +10,7 @@ import pytest
 from conftest import load_experiment, tutorial_trunk_config
 from initialisers import check_initialisers, keras_glorot_bound
 
-from attn_jax import modes, registry, summary
+from attn_jax import model_stats, modes, registry
 
 
 def test_the_experiment_builds_the_tied_trunk_the_tutorial_trained():
@@ -23,7 +23,7 @@ def test_parameter_count_matches_the_tutorial(tie_trunk, expected):
     config = load_experiment("patch_convnet")
     config.model.tie_trunk = tie_trunk
     model = registry.create_model(config, config.dataset.num_classes)
-    assert summary.total_params(model, (48, 48, 3)) == expected
+    assert model_stats.total_params(model, (48, 48, 3)) == expected
 
 
 def test_summary_names_every_module_and_the_total(capsys):
@@ -37,15 +37,15 @@ def test_summary_names_every_module_and_the_total(capsys):
         assert module in text
     assert "TrunkBlock_0" not in text
     paper = text.split("multiply-adds of convs and matmuls): ")[1].split()[0]
-    assert paper == "0.2715"  # 271,453,184 multiply-adds, counted layer by layer in test_summary.py
+    assert paper == "0.2715"  # 271,453,184 multiply-adds, counted layer by layer in test_model_stats.py
 
 
 def test_summary_of_the_untied_trunk():
     config = load_experiment("patch_convnet")
     config.model.tie_trunk = False
-    tied_text = summary.format_summary(registry.create_model(load_experiment("patch_convnet"), 10),
+    tied_text = model_stats.format_summary(registry.create_model(load_experiment("patch_convnet"), 10),
                                        (48, 48, 3))
-    text = summary.format_summary(registry.create_model(config, 10), (48, 48, 3))
+    text = model_stats.format_summary(registry.create_model(config, 10), (48, 48, 3))
     assert text.splitlines()[-1] == "total params: 2,174,986"
     assert text.splitlines()[-2] == "trunk: 2 independent blocks (tie_trunk=False)"
     assert "TrunkBlock_1/Conv_1" in text and "TrunkBlock_shared" not in text

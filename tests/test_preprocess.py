@@ -2,17 +2,19 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from attn_jax import preprocess
+from attn_jax.config import base
 
 
 def _cfg(**kw):
-    base = dict(size=8, train_resize=8, crop=0, flip=False, rotation=0.0, contrast=0.0, zoom=0.0,
-                normalize="rescale")
-    return ml_collections.ConfigDict({**base, **kw})
+    """config.preprocess of the base config, 8x8, no augmentation, then `kw`."""
+    cfg = base().preprocess
+    cfg.update({**dict(size=8, train_resize=8, crop=0, flip=False, rotation=0.0, contrast=0.0,
+                       zoom=0.0, normalize="rescale"), **kw})
+    return cfg
 
 
 def _images(n=4, size=8):

@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from conftest import load_experiment, random_batches, run_steps
 from jax.sharding import NamedSharding, PartitionSpec
 
-from attn_jax import data, optimizer, registry, train
+from attn_jax import data, optimizer, registry, train, validate
 from attn_jax.bench import steps
 from attn_jax.errors import UserError
 from attn_jax.run_guard import DispatchQueue
@@ -125,7 +125,7 @@ def test_first_step_loss_is_the_golden_one(name):
     stats = None
     if config.preprocess.normalize == "standardize":
         stats = {"mean": jnp.full((3,), 120.0), "std": jnp.full((3,), 60.0)}
-    _, sums = train.jit_steps(config, mesh)[0](state, batch, jax.random.key(1), stats)
+    _, sums = train.jit_train_step(config, mesh)(state, batch, jax.random.key(1), stats)
     loss = float(sums["loss"]) / float(sums["count"])
     assert loss == pytest.approx(GOLDEN_FIRST_LOSS[name], rel=1e-5)
 
@@ -171,8 +171,9 @@ def test_k_steps_in_one_call_equal_k_calls(tmp_path, tiny_config, resident_limit
     def train_epoch(sizes):
         run.state = jax.device_put(initial, NamedSharding(run.mesh, PartitionSpec()))
         sums = train.zero_sums(run.mesh)
-        for n, feed in zip(sizes, run.feed.epoch(0, 0, sizes), strict=True):
-            run.state, sums = run.train_call(n)(run.state, sums, feed, run.train_key, run.stats)
+        for n, inputs in zip(sizes, run.feed.epoch(0, 0, sizes), strict=True):
+            run.state, sums = run.compiled_train_call(n)(run.state, sums, inputs, run.train_key,
+                                                         run.stats)
         return jax.device_get((run.state.params, sums))
 
     (one_params, one_sums), (four_params, four_sums) = train_epoch([1] * 4), train_epoch([4])
@@ -189,11 +190,12 @@ def test_k_steps_in_one_call_equal_k_calls(tmp_path, tiny_config, resident_limit
     assert four_sums["top1"] == one_sums["top1"] and float(one_sums["count"]) == 64
 
 
-def test_unroll_steps_auto_unrolls_on_cpu_only():
+def test_unroll_steps_auto_unrolls_on_cpu_only(tiny_config):
     assert train.unroll_steps("auto") is (jax.default_backend() == "cpu")
     assert train.unroll_steps("loop") is False and train.unroll_steps("unroll") is True
-    with pytest.raises(UserError, match="config.unroll_steps is 'yes': use 'auto', 'unroll' or 'loop'"):
-        train.unroll_steps("yes")
+    with pytest.raises(UserError, match="config.unroll_steps is 'yes': use one of 'auto', 'unroll', "
+                                        "'loop'"):
+        validate.check(tiny_config(unroll_steps="yes"))  # the one gate: unroll_steps trusts it
 
 
 def test_bfloat16_computes_in_bfloat16_with_float32_parameters_and_loss(tiny_config):
@@ -206,7 +208,7 @@ def test_bfloat16_computes_in_bfloat16_with_float32_parameters_and_loss(tiny_con
     logits, attention = jax.eval_shape(
         lambda p: model.apply({"params": p}, jnp.zeros((2, 16, 16, 3)), train=False), state.params)
     assert logits.dtype == attention.dtype == jnp.float32  # float32 softmax and logits
-    train_fn, _ = train.jit_steps(config, mesh)
+    train_fn = train.jit_train_step(config, mesh)
     batch = steps.synthetic_batch(16, (32, 32, 3), 10, mesh)
     lowered = train_fn.lower(state, batch, jax.random.key(1), None)
     assert "xbf16>" in lowered.as_text()  # the convolutions and matmuls run in bfloat16
@@ -271,8 +273,6 @@ def test_lamb_first_step_by_hand(tiny_config):
 
 
 def test_lamb_with_per_step_decay_is_refused(tiny_config):
-    from attn_jax import validate
-
     config = tiny_config(**{"optimizer.name": "lamb", "optimizer.weight_decay_mode": "per_step"})
     with pytest.raises(UserError, match=r"^config.optimizer.weight_decay_mode is 'per_step': LAMB"):
         validate.check(config)
@@ -286,8 +286,8 @@ def _one_step(config, mesh, batch):
     state = create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh,
                                      ema=config.ema.decay > 0)
     initial = jax.device_get(state)
-    state, sums = train.jit_steps(config, mesh)[0](state, data.to_global(batch, mesh),
-                                                   jax.random.key(1), None)
+    state, sums = train.jit_train_step(config, mesh)(state, data.to_global(batch, mesh),
+                                                     jax.random.key(1), None)
     return initial, jax.device_get(state), jax.device_get(sums)
 
 
@@ -316,8 +316,6 @@ def test_accumulated_micro_batches_give_the_update_of_the_whole_batch(tiny_confi
 
 
 def test_a_batch_that_does_not_split_into_micro_batches_is_refused(tiny_config):
-    from attn_jax import validate
-
     with pytest.raises(UserError, match=r"^config.accumulate_steps is 3: it must divide "
                                         r"config.batch_size \(16\)"):
         validate.check(tiny_config(accumulate_steps=3))

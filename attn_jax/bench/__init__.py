@@ -14,8 +14,9 @@ Measured, in this order, in one process:
    each timing with its own peak keeps the ratio honest. XLA:CPU runs one device's program on every
    core of the process, so with several (fake) CPU devices this is the peak of all of them together,
    not of each.
-2. The train step and the eval step, ahead-of-time compiled (`train.jit_steps`: one step on a given
-   batch, the step a run's calls are made of; part 4 times the calls themselves), timed on one
+2. The train step and the eval step, ahead-of-time compiled (`train.jit_train_step`: one step on a
+   given batch, the step a run's calls are made of, and `train.jit_eval_step`; part 4 times the
+   calls themselves), timed on one
    device-resident batch of random uint8 images (synthetic: no input pipeline; `steps.py`):
    `warmup` untimed blocks of `steps` calls and a probe (more, up to `warmup_max`, until two blocks
    in a row fault no host memory in, where `host_memory` keeps freed memory: the heap grows over the
@@ -29,7 +30,7 @@ Measured, in this order, in one process:
    step, once for eval.
 3. The streamed input pipeline alone (`data.StreamedFeed`: grain workers read and decode, batches
    put on the mesh, nothing stepping) over `pipeline_batches` batches (`feeds.py`).
-4. The feeds against synthetic data: training as a run trains (`train.jit_train_steps`,
+4. The feeds against synthetic data: training as a run trains (`train.jit_train_call`,
    config.steps_per_call steps per call), fed by the device-resident split (when it fits; the time
    to decode it and put it on the devices is reported), by the streamed pipeline (started before
    the timing, as in a run) and by one synthetic resident batch, in `rounds` alternating rounds of
@@ -44,7 +45,7 @@ Parts 3 and 4 need the dataset prepared in config.dataset.data_dir: the benchmar
 and skips them (saying why) otherwise. Nothing writes unless `workdir` is given; then
 `DIR/benchmark.json` holds everything printed, with the machine (`host.py`), what
 `host_memory.configure` set ("keep", "system"; null where launch.py did not run it) and the number of
-compilations of each step (`compilations.py`). Knobs: `config.benchmark.*` (`benchmark_settings()`).
+compilations of each step (`compilations.py`). Knobs: `config.benchmark.*` (attn_jax/config.py).
 """
 
 import functools
@@ -60,24 +61,15 @@ from attn_jax import atomic, data, host_memory, registry, train
 from attn_jax.bench import feeds, flops, host, peaks, profile, steps
 from attn_jax.bench.compilations import count_compilations
 from attn_jax.errors import UserError
-from attn_jax.experiment import benchmark_settings
 
 Say = Callable[[str], None]
-
-
-def settings(config: ml_collections.ConfigDict) -> dict:
-    """`benchmark_settings()` updated by the config's `benchmark` section, if it has one."""
-    opts = benchmark_settings().to_dict()
-    if "benchmark" in config:
-        opts.update(config.benchmark.to_dict())
-    return opts
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | None = None, mesh=None,
         printer: Say | None = print) -> dict:
     """Runs the benchmark described in the module docstring; returns (and with `workdir` writes
     to `DIR/benchmark.json`) the report."""
-    opts = settings(config)
+    opts = config.benchmark.to_dict()
     say = printer or (lambda _: None)
     mesh = train.create_mesh() if mesh is None else mesh
     report = _describe(config, mesh, say)
@@ -122,7 +114,7 @@ def _time_steps(config: ml_collections.ConfigDict, mesh, opts: dict, probe, repo
     stepper, whose state the later parts train on."""
     data.local_batch_size(config.batch_size, mesh)  # the same errors as a run for a bad batch
     model, state, train_key = steps.initial_state(config, mesh)
-    train_fn, eval_fn = train.jit_steps(config, mesh)
+    train_fn, eval_fn = train.jit_train_step(config, mesh), train.jit_eval_step(config, mesh)
     image_shape = steps.raw_image_shape(config)
     stats = steps.placeholder_stats(config)
     batch = steps.synthetic_batch(config.batch_size, image_shape, config.dataset.num_classes, mesh)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 import jax
 import ml_collections
 
-from attn_jax import registry, summary
+from attn_jax import model_stats, registry
 
 
 def reference_state(state, config: ml_collections.ConfigDict, num_classes: int):
@@ -27,17 +27,17 @@ def xla_flops(step: Callable, compiled, state, *args, config: ml_collections.Con
     compiled again with the reference layers, which compute the same function in whole-batch ops.
     `compiled` (the step as timed) is counted as it is when the model already is the reference form.
     """
-    impl = registry.resolve_impl(config.model.get("impl", "auto"), jax.default_backend())
+    impl = registry.resolve_impl(config.model.impl, jax.default_backend())
     if impl != "reference":
         reference = reference_state(state, config, config.dataset.num_classes)
         compiled = step.lower(reference, *args).compile()
-    return summary.cost_flops(compiled) * num_devices
+    return model_stats.cost_flops(compiled) * num_devices
 
 
 def model_flops(model, image_shape: tuple[int, int, int]) -> float:
     """FLOPs of one image's forward pass of `model` (its reference form: `impl="reference"`; the
     fast EANet's folded memories would count fewer) counting only its convolutions and matrix products, 2 per
-    multiply-add (`summary.forward_macs`): the usual MFU numerator, 3 forward passes for a train
+    multiply-add (`model_stats.forward_macs`): the usual MFU numerator, 3 forward passes for a train
     step (forward, input and weight gradients) and one for eval; element-wise work is not counted."""
-    return 2.0 * summary.forward_macs(model, summary.abstract_variables(model, image_shape),
-                                      image_shape)
+    return 2.0 * model_stats.forward_macs(model, model_stats.abstract_variables(model, image_shape),
+                                          image_shape)
