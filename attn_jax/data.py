@@ -168,11 +168,9 @@ View = Resize | CenterCrop | RandomResizedCrop
 
 def host_views(cfg: ml_collections.ConfigDict) -> tuple[View, View]:
     """(training view, evaluation view) of config.dataset `cfg`: "resize" and a fraction of 1 (every
-    experiment's default) resize every image to image_size x image_size, as attn_jax always did."""
+    experiment's default) resize every image to image_size x image_size, as attn_jax always did;
+    the crops need an image_size (`validate.check`)."""
     size, fraction = cfg.image_size, cfg.eval_crop_fraction
-    if not size and (cfg.crop != "resize" or fraction != 1.0):
-        raise UserError("config.dataset.crop 'inception' and eval_crop_fraction < 1 output "
-                        "image_size x image_size images: set config.dataset.image_size")
     if cfg.crop == "inception":
         train_view = RandomResizedCrop(size, tuple(cfg.crop_scale), tuple(cfg.crop_ratio))
     else:
