@@ -64,7 +64,8 @@ def test_a_folder_that_cannot_be_made_turns_the_cache_off_with_one_line(
 
 
 # A fresh process as launch.py starts: the cache enabled, one program compiled; prints what JAX
-# reported (hits and misses of the persistent cache) and the folder enable() returned.
+# reported (hits and misses of the persistent cache) and the folder enable() returned. The tests'
+# environment has JAX cache programs of any compile time (conftest), this tiny one too.
 _COMPILE_ONCE = """
 import json, jax, jax.numpy as jnp, numpy as np
 from attn_jax import compile_cache
