@@ -23,9 +23,9 @@ import os
 
 import jax
 import ml_collections
-from jax._src import xla_bridge
 
 from attn_jax.errors import UserError
+from attn_jax.jax_runtime import backends_started
 
 AUTO_DEVICES = 2
 
@@ -59,7 +59,7 @@ def _forced() -> bool:
 def split_host(config: ml_collections.ConfigDict, single_process: bool = True) -> int | None:
     """Sets JAX's CPU device count from `config.cpu_devices` before the backends start; returns it,
     or None where it was left alone (fixed by the environment, or JAX already started)."""
-    if _forced() or xla_bridge.backends_are_initialized():
+    if _forced() or backends_started():
         return None
     micro_batch = config.batch_size // config.get("accumulate_steps", 1)  # validated to divide
     count = resolve(config.get("cpu_devices", "auto"), host_cores(),

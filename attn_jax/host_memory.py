@@ -40,9 +40,9 @@ import pkgutil
 import platform
 
 import ml_collections
-from jax._src import xla_bridge
 
 from attn_jax.errors import UserError
+from attn_jax.jax_runtime import backends_started
 
 # mallopt(3) parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -106,7 +106,7 @@ def configure(config: ml_collections.ConfigDict) -> str | None:
     """Sets the allocator from `config.host_memory` before JAX's backends start; returns "keep"
     (freed memory kept), "system" (left alone), or None where JAX had already started."""
     global APPLIED
-    if xla_bridge.backends_are_initialized():
+    if backends_started():
         return None
     on_glibc, setting = glibc(), config.get("host_memory", "auto")
     if setting == "keep" and not on_glibc:
