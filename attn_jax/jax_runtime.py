@@ -39,3 +39,10 @@ def describe_devices() -> str:
     if jax.process_count() > 1:
         line += f", {jax.local_device_count()} in this process of {jax.process_count()}"
     return line
+
+
+def say_devices() -> None:
+    """Prints `describe_devices()` once per run, from process 0."""
+    line = describe_devices()
+    if jax.process_index() == 0:
+        print(line, flush=True)
