@@ -2,7 +2,8 @@
 
 Every launch compiles the same programs before its first step (the train and eval steps, the
 initialisation); with the cache, a relaunch of the same experiment (a resumed run, the same command
-again) loads them from disk instead. Cold and warm start-up times: docs/performance.md.
+again) loads them from disk instead. Cold and warm start-up times:
+docs/performance.md#start-up-and-the-compilation-cache.
 
 The folder, `cache_dir`: `$ATTN_JAX_COMPILATION_CACHE` where set ("" or "off": no cache), else
 JAX's own `JAX_COMPILATION_CACHE_DIR` where set, else `$XDG_CACHE_HOME/attn_jax/jax_compilation_cache`
@@ -10,10 +11,9 @@ JAX's own `JAX_COMPILATION_CACHE_DIR` where set, else `$XDG_CACHE_HOME/attn_jax/
 so a warm start also skips the autotuning of its fusions (process 0 of a run writes them).
 
 JAX caches the programs that took at least a second to compile (its default; its variable
-JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS changes it). Caching every program as well (some 50 small
-ones in the smoke run) moved the smoke run's start-up by about a second either way, within the noise
-of the measurements (docs/performance.md); with the default, the points of a sweep, whose programs
-differ, do not write entries that nothing will read.
+JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS changes it): caching every small program as well did not
+shorten the smoke run's start-up measurably, and with the default the points of a sweep, whose
+programs differ, do not write entries that nothing will read.
 
 One folder serves any number of runs, processes, models and versions: JAX keys each entry by the
 program, the JAX and XLA versions, the flags and the devices, and XLA:CPU refuses (and recompiles)
