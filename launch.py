@@ -53,6 +53,7 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Multi-process: detect the job from the cluster (TPU pod, SLURM, ...).")
 flags.mark_flag_as_required("config")
 _SAVED = ("eval", "attend", "export")  # the modes of a saved checkpoint
+_ON_DEVICES = ("train", "eval", "attend", "benchmark")  # the modes that run steps, and say on what
 
 
 def check_flags(argv: list[str]) -> str | None:
@@ -101,13 +102,15 @@ def main(argv: list[str]) -> None:
     config_arg = config_flags.get_config_filename(flags.FLAGS["config"])  # path[:arg]
     overrides = config_flags.get_override_values(flags.FLAGS["config"])  # --config.KEY=VALUE, by key
     try:
-        from attn_jax import distributed, sweep, validate
+        from attn_jax import compile_cache, distributed, jax_runtime, sweep, validate, versions
         from attn_jax.fast.threefry import use_unrolled_threefry_on_cpu
 
         if _POINT.value is not None:
             point = sweep.Point.select(config_arg, _POINT.value, Path(_WORKDIR.value))
             sweep.apply(config, point.overrides)  # its overrides, validated with the rest
         validate.check(config)  # every value, before any work
+        versions.warn_if_untested()  # one line naming a dependency outside the tested versions
+        compile_cache.enable()  # JAX's persistent compilation cache, before anything compiles
         use_unrolled_threefry_on_cpu()  # dropout masks at GPU speed on CPU: the same bits, faster
         # the modes that train; a sweep's parent only starts its points, each its own launch
         if (_MODE.value in ("train", "benchmark") and not _SWEEP.value) or point is not None:
@@ -120,6 +123,8 @@ def main(argv: list[str]) -> None:
 
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                _DISTRIBUTED.value)
+        if _MODE.value in _ON_DEVICES and (not _SWEEP.value or point is not None):  # not a sweep's parent
+            jax_runtime.say_devices()  # "JAX 0.12.1 on gpu: 1 device (NVIDIA H100 80GB HBM3)"
         if point is not None:
             if point.start():  # False: finished already
                 _train(config, point.dir, {**overrides, **point.hparams}, point)

@@ -2,12 +2,11 @@
 
 XLA:CPU runs one device's program as a graph of ops on one pool of threads, one per core. Much of
 these models' step is ops too small or too serial to keep every core busy (the chunked attentions'
-small matmuls and softmax passes, LayerNorms, dropout masks): on the project's 2-core AMD EPYC the
-EANet train step's ops added up to 2,124 ms per step in 2,016 ms of wall time, about one core's
-work at a time. Split into two devices, each with half of the batch (data parallelism inside the
+small matmuls and softmax passes, LayerNorms, dropout masks): one device's step keeps about one core
+busy at a time. Split into two devices, each with half of the batch (data parallelism inside the
 host, the gradients averaged across the two as across hosts), the runtime has two independent
-streams of ops, one per core: the train steps ran 1.04-1.26x as fast (docs/performance.md,
-2026-12-02, has the table; four devices ran as fast as two).
+streams of ops, one per core, and the train steps run faster
+(docs/performance.md#two-devices-per-cpu-host).
 
 The rule, `resolve`: "auto" splits a single-process run on a host of at least two cores into
 `AUTO_DEVICES` = 2 devices where every batch divides over them, and keeps one device otherwise
@@ -23,9 +22,9 @@ import os
 
 import jax
 import ml_collections
-from jax._src import xla_bridge
 
 from attn_jax.errors import UserError
+from attn_jax.jax_runtime import backends_started
 
 AUTO_DEVICES = 2
 
@@ -59,7 +58,7 @@ def _forced() -> bool:
 def split_host(config: ml_collections.ConfigDict, single_process: bool = True) -> int | None:
     """Sets JAX's CPU device count from `config.cpu_devices` before the backends start; returns it,
     or None where it was left alone (fixed by the environment, or JAX already started)."""
-    if _forced() or xla_bridge.backends_are_initialized():
+    if _forced() or backends_started():
         return None
     micro_batch = config.batch_size // config.get("accumulate_steps", 1)  # validated to divide
     count = resolve(config.get("cpu_devices", "auto"), host_cores(),

@@ -3,27 +3,22 @@
 XLA:CPU allocates a step's temporary buffers with `malloc` when the step starts and frees them
 when it ends: 1,232 MiB for the tutorial PatchConvNet's train step at batch 128. glibc serves an
 allocation that large with `mmap` and returns it to the kernel with `munmap` when freed, so every
-step faults each of those pages back in, and the kernel zeroes each one: 385,000 page faults per
-PatchConvNet step; without them its steps ran 1.16-1.42x as fast (docs/performance.md, 2026-12-02,
-fourth session).
+step faults each of those pages back in, and the kernel zeroes each one, a large share of the
+step's time (docs/performance.md#freed-host-memory-kept).
 Three `mallopt` settings keep the memory in the process instead, so the next step reuses it:
 
 - `M_MMAP_MAX` 0: large allocations come from the heap, not from their own mappings;
 - `M_TRIM_THRESHOLD` -1, glibc's value for "never": the heap's free top is not given back after a
   step. (Its largest positive value, 2 GiB, is not enough: the ViT baseline's step frees a heap top
-  larger than that, and then faulted 384,500 pages back in on many steps: 1.09x slower, the median
-  of an in-process A/B's rounds, docs/performance.md, 2026-12-02, fifth session.)
+  larger than that, and then faults its pages back in on many steps.)
 - `M_ARENA_MAX` 1: XLA's threads allocate from that one heap (glibc gives other threads arenas of
   at most 64 MiB, which map anything larger on their own whatever `M_MMAP_MAX` says). It must be set
   before JAX starts its threads: a thread keeps the arena it first allocated from.
 
-Measured on the project's 2-core AMD EPYC (`launch.py --mode=benchmark`, two devices, alternating
-processes): PatchConvNet 84.3, 85.1 against 73.9, 70.6 images/s; EANet 99.8, 115.3 against 85.3,
-98.5; the ViT, whose step is bound by its attention's small matmuls, 27.8, 29.1 against 28.9, 25.8.
-The cost: a process holds on to its heap until it exits, as a caching allocator (tcmalloc, which
-gave the same speed preloaded, or JAX's own on GPUs) does, and the heap grows to several steps'
-temporaries before it stops growing (glibc cannot always place a step's buffers in the space the
-previous step freed): PatchConvNet's benchmark peaked at 3,978 MiB resident against 2,254.
+The cost (docs/performance.md#freed-host-memory-kept): a process holds on to its heap until it
+exits, as a caching allocator (tcmalloc, or JAX's own on GPUs) does, and the heap grows to several
+steps' temporaries before it stops growing (glibc cannot always place a step's buffers in the space
+the previous step freed).
 
 The rule, `resolve`: "auto" keeps freed memory where JAX will compute on the CPU and the C library
 is glibc, and leaves the allocator alone where an accelerator is installed (a GPU or TPU plugin of
@@ -40,9 +35,9 @@ import pkgutil
 import platform
 
 import ml_collections
-from jax._src import xla_bridge
 
 from attn_jax.errors import UserError
+from attn_jax.jax_runtime import backends_started
 
 # mallopt(3) parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -106,7 +101,7 @@ def configure(config: ml_collections.ConfigDict) -> str | None:
     """Sets the allocator from `config.host_memory` before JAX's backends start; returns "keep"
     (freed memory kept), "system" (left alone), or None where JAX had already started."""
     global APPLIED
-    if xla_bridge.backends_are_initialized():
+    if backends_started():
         return None
     on_glibc, setting = glibc(), config.get("host_memory", "auto")
     if setting == "keep" and not on_glibc:

@@ -36,9 +36,8 @@ class StopSignals:
 class DispatchQueue:
     """Keeps at most two train calls queued on the devices. JAX dispatches asynchronously, so the
     loop would otherwise queue every call up to the next log line (which waits for its metrics):
-    measured, 13 calls of 8 CIFAR steps, 200 s of work that a SIGTERM had to wait for before its
-    checkpoint, beyond a scheduler's usual grace period. One call queued behind the running one
-    keeps the devices as busy."""
+    minutes of work that a SIGTERM would wait for before its checkpoint, beyond a scheduler's usual
+    grace period. One call queued behind the running one keeps the devices as busy."""
 
     def __init__(self):
         self._previous = None

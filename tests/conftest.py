@@ -2,15 +2,20 @@
 
 import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Tests (and the launch.py subprocesses they start, which inherit this environment) build the same
-# tiny programs many times: a shared persistent compilation cache compiles each of them once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.environ.get("TMPDIR", "/tmp"), f"attn_jax_test_jax_cache_{os.getuid()}"))
+# tiny programs many times: a persistent compilation cache compiles each of them once per run. The
+# run's own folder, made by pytest's first process (xdist's workers inherit it) and removed at its
+# end: no test sees what an earlier run, or the user's runs (attn_jax/compile_cache.py), compiled.
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    _RUN_CACHE = tempfile.mkdtemp(prefix="attn_jax_test_jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["ATTN_JAX_COMPILATION_CACHE"] = _RUN_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # The tests' programs are tiny and compiling dominates their time: XLA's cheapest optimisation level
@@ -27,6 +32,12 @@ use_unrolled_threefry_on_cpu()  # as launch.py does before any work
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TFDS = ROOT.parent / "shared" / "tfds"
+
+
+def pytest_unconfigure(config):
+    """Removes the run's compilation cache (in pytest's first process, after its workers end)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        shutil.rmtree(os.environ["ATTN_JAX_COMPILATION_CACHE"], ignore_errors=True)
 
 
 def load_experiment(name: str, arg: str | None = None):

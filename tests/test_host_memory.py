@@ -52,7 +52,7 @@ def _config(host_memory_setting: str):
 @pytest.fixture
 def before_jax_starts(monkeypatch):
     """`configure` as launch.py calls it, before JAX's backends start."""
-    monkeypatch.setattr(host_memory.xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.setattr(host_memory, "backends_started", lambda: False)
 
 
 def test_keep_is_refused_where_glibc_refuses_a_setting(monkeypatch, before_jax_starts):

@@ -398,7 +398,7 @@ def test_tutorial_patch_convnet_parameter_count_equals_the_keras_port(tie):
     keras_model(keras.KerasTensor((1, size, size, 3)))  # builds the weights, computes nothing
     expected = _count(keras_model.trainable_variables)
     assert model_stats.total_params(registry.create_model(config, 10), (size, size, 3)) == expected
-    assert expected == (1_436_426 if tie else 2_174_986)  # reference-models.md
+    assert expected == (1_436_426 if tie else 2_174_986)  # docs/faithfulness.md#parameter-counts-and-flops
 
 
 @pytest.mark.parametrize("experiment, attention", [("eanet", "external_attention"),

@@ -1,4 +1,5 @@
-"""Speed versions of the reference layers, for the machines where they were measured faster.
+"""Speed versions of the reference layers, for XLA:CPU, where each was measured faster
+(docs/performance.md#the-fast-layers-and-the-cpu-settings).
 
 Each has the parameters of the layer it replaces (same names, shapes and initial values) and
 computes the same function, outputs and gradients, dropout included (`tests/test_fast_equivalence.py`);

@@ -13,9 +13,8 @@ about -5), the erf form keeps that absolute accuracy but not the relative one of
 few 1e-7, which no later sum notices.
 
 Why here: the tutorial PatchConvNet applies GELU to about 260,000 activations per image in its
-stem and trunk (33 million per batch of 128), and on the project's 2-core Zen 5 its forward GELU
-fusions took 41 ms of a 1,053 ms single-core train step with the erfc form against 15 ms with the
-erf form (docs/performance.md, 2026-12-02, sixth session).
+stem and trunk, and XLA:CPU's fusions of the erf form cost a fraction of the erfc form's
+(docs/performance.md#the-tutorial-patchconvnets-pooling-gelu-and-winograd-on-zen-5).
 """
 
 import jax

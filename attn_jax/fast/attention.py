@@ -8,15 +8,14 @@
   calls it: its `attention_fn`) a few examples at a time, in a heads-first layout, so the
   [heads, N, N] weights of each chunk stay in cache. Its scores come from `query_key_scores`,
   q k^T with the key's gradient computed as (q^T g)^T, which XLA:CPU runs in its fast dot
-  library where autodiff's g^T q ran in its generic one (the ViT train step 1.08x as fast, one
-  pinned core; docs/performance.md, seventh session).
+  library where autodiff's g^T q runs in its generic one
+  (docs/performance.md#the-keys-gradient-of-the-attention-scores).
 
 Both draw their dropout mask for the whole batch, from the same random key and of the same shape as
 the reference layer, before splitting it: the chunking does not change it, and the fast layer drops
 exactly what the reference one drops. Both take their softmax from `softmax`, whose backward pass
-reuses the forward's log-sum-exp instead of recomputing the max and the sum (in-process A/B on the
-2-core AVX-512 EPYC, 2 devices, batch 128, median of 7 alternating rounds: the train step 1.04x as
-fast for EANet, 1.02x for the ViT baseline; docs/performance.md).
+reuses the forward's log-sum-exp instead of recomputing the max and the sum, so it rebuilds the
+weights in one pass (docs/performance.md#the-softmaxs-log-sum-exp-kept-for-the-backward-pass).
 """
 
 import functools
@@ -180,9 +179,9 @@ def _query_key_scores_forward(q, k):
 
 def _query_key_scores_backward(residuals, scores_grad):
     """dq = g k, and dk = g^T q computed as (q^T g)^T: autodiff's form contracts the [N, M]
-    gradient over its rows into a [M, d] result, which XLA:CPU hands to its slower generic dot
-    (the ViT baseline's slowest op: 66-72 ms of a 5 s single-core step, per block); the same
-    products with the small operand first run in its fast library (28 ms). Same values."""
+    gradient over its rows into a [M, d] result, which XLA:CPU hands to its slower generic dot;
+    the same product with the small operand first runs in its fast library
+    (docs/performance.md#the-keys-gradient-of-the-attention-scores). Same values."""
     q, k = residuals
     key_grad_t = jnp.einsum("...nd,...nm->...dm", q, scores_grad)  # [..., d, M]
     return scores_grad @ k, key_grad_t.swapaxes(-1, -2)

@@ -6,10 +6,9 @@ dropout and the weighted sum as separate passes over that tensor, each from main
 backward pass again. EANet's softmax over the tokens of [B, N, heads, S] weights is strided the same
 way. `map_in_chunks` applies a layer to one chunk of examples at a time (`lax.map`) and recomputes
 each chunk's intermediates in the backward pass (`jax.checkpoint`; only the softmax's log-sum-exp
-is kept, `keep_for_backward`), so that every pass reads data that is still in cache. On the
-project's 2-core machine, timed alternately in one process, the ViT's self-attention layer (forward
-and backward, batch 128) took 659 ms in chunks against 900 ms whole, and the train steps ran
-1.07-1.13x (ViT) and 1.25x (EANet) as fast (`benchmarks/compare_chunking.py`).
+is kept, `keep_for_backward`), so that every pass reads data that is still in cache: recomputing
+in cache costs less than passing over main memory (docs/performance.md#attention-in-chunks-of-examples;
+`benchmarks/compare_chunking.py` times it).
 
 The result is the same function: each example's attention is computed alone in both forms, and the
 dropout mask is drawn for the whole batch before it is split, so it does not depend on the chunking.
@@ -26,9 +25,9 @@ from jax.ad_checkpoint import checkpoint_name
 # of recomputing them: see `keep_for_backward`.
 STATISTICS = "softmax_statistics"
 
-# Largest per-device chunk of the biggest attention intermediate, in bytes. Timed on the ViT
-# baseline's attention (forward and backward, batch 128, 2-core EPYC with 1 MiB L2 per core and a
-# 32 MiB L3): 4 MiB (4 examples) beat 1, 2, 8, 16 and 32 MiB and the whole batch.
+# Largest per-device chunk of the biggest attention intermediate, in bytes: the size that timed
+# fastest against smaller and larger chunks and the whole batch, with no other size clearly ahead
+# since (docs/performance.md#attention-in-chunks-of-examples).
 CHUNK_BYTES = 4 * 2 ** 20
 
 

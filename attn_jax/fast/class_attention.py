@@ -14,10 +14,11 @@ is rounding noise around zero).
 
 The reference computes the key and value projections of every token: two [B (N + 1), d_in] x
 [d_in, d] matmuls forward and four backward, 13% of the tutorial PatchConvNet's matmul FLOPs at
-N + 1 = 145. Folded, each is a product with one vector per example. The same function in exact
-arithmetic, with the same parameters (the projections' kernels and biases are read, not
-recomputed), the same weights and the same dropout mask; only the order of the sums differs
-(`tests/test_fast_equivalence.py`).
+N + 1 = 145. Folded, each is a product with one vector per example
+(docs/performance.md#the-tutorial-patchconvnets-pooling-gelu-and-winograd-on-zen-5). The same
+function in exact arithmetic, with the same parameters (the projections' kernels and biases are
+read, not recomputed), the same weights and the same dropout mask; only the order of the sums
+differs (`tests/test_fast_equivalence.py`).
 """
 
 from collections.abc import Callable

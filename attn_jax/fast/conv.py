@@ -1,13 +1,12 @@
 """A 2-D convolution whose kernel gradient is a matrix multiply: `Conv`, a drop-in for `nn.Conv`.
 
 XLA:CPU runs a convolution's forward pass and its input gradient near matrix-multiply speed, but
-the kernel gradient (a convolution contracting over batch and space) falls back to a slow loop: on
-the tutorial PatchConvNet's 1x1 and 3x3 convs at batch 128 it ran at 1-4 GFLOP/s against 25-30 for
-the forward pass on the same 2-core machine, and made the train step seven times as long as the
-forward pass. `conv_general_dilated` here computes the same function with a custom VJP:
+the kernel gradient (a convolution contracting over batch and space) falls back to a loop far below
+it (docs/performance.md#convolution-kernel-gradients). `conv_general_dilated` here computes the
+same function with a custom VJP:
 
-- forward and input gradient: `lax.conv_general_dilated` and its transpose, as before (a 1x1,
-  stride-1 conv is a plain matmul and is done as one);
+- forward and input gradient: `lax.conv_general_dilated` and its transpose, as `nn.Conv` computes
+  them (a 1x1, stride-1 conv is a plain matmul and is done as one);
 - kernel gradient: for each of the kh * kw kernel taps, the strided window of the (padded) input
   that tap sees, flattened to [B * Ho * Wo, C], transposed times the output gradient [B * Ho * Wo, O]:
   kh * kw matmuls with a long contraction, which XLA:CPU runs at matmul speed.
@@ -117,8 +116,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
 def _winograd_applies(x, kernel, strides, padding) -> bool:
     """A float32 SAME 3x3 convolution of stride 1: Winograd's F(4x4, 3x3) does it with 4x fewer
-    multiplies (`winograd.py`); 2.1-2.2x as fast with both gradients on the tutorial trunk's shape
-    when it was adopted (Zen 4, fourth session), before its later speed-ups there."""
+    multiplies (`winograd.py`; docs/performance.md#winograds-f4x4-3x3-convolution)."""
     return (kernel.shape[:2] == (3, 3) and strides == (1, 1) and padding == ((1, 1), (1, 1))
             and x.dtype == jnp.float32 and kernel.dtype == jnp.float32)
 

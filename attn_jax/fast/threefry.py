@@ -1,10 +1,10 @@
 """JAX's threefry random-bit hash lowered on CPU without its rolled loop (as JAX does on GPU and TPU).
 
 On CPU JAX runs the hash's 5 round groups as a while loop, to compile faster; each iteration then
-passes over every word in memory, which made a dropout mask cost about as much as a matmul layer
-(430 ms for EANet's [128, 256, 16, 16] attention dropout on this project's 2-core machine).
-Unrolled, XLA fuses the whole hash with the comparison and the select: 90 ms, and the same bits (a
-test checks the published known-answer vectors), so every run is unchanged.
+passes over every word in memory, which makes a dropout mask cost about as much as a matmul layer.
+Unrolled, XLA fuses the whole hash with the comparison and the select into one pass
+(docs/performance.md#dropouts-random-bits), and the bits are the same (a test checks the published
+known-answer vectors), so every run is unchanged.
 
 Nothing happens on import: `launch.py` (and the tests' conftest) call
 `use_unrolled_threefry_on_cpu()` once, before anything is compiled.

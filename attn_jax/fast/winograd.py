@@ -17,19 +17,17 @@ intermediate values, giving relative errors of about 3e-6 in float32 (1e-7 direc
 same transform in float32). It is for float32: in bfloat16 the error would be far above bfloat16's
 own rounding, so `Conv` keeps the direct convolution for other dtypes.
 
-Why here: on the project's 2-core AVX-512 CPU the tutorial PatchConvNet's trunk conv (batch 128,
-12x12, 256 -> 256, applied twice per step) takes the largest share of the train step, and XLA:CPU's
-direct convolution already runs near the float32 matmul peak, so fewer FLOPs are the way past it
-(docs/performance.md, 2026-12-02, fourth session).
+Why here: on CPU the tutorial PatchConvNet's trunk conv (batch 128, 12x12, 256 -> 256, applied
+twice per step) takes the largest share of the train step, and XLA:CPU's direct convolution already
+runs near the float32 matmul peak, so fewer FLOPs are the way past it
+(docs/performance.md#winograds-f4x4-3x3-convolution).
 
 All the transforms are sums of scaled slices (`_combine`), and the input's overlapping tiles are
-cut by reshapes and slices (`_windows`), not gathered: XLA:CPU runs those as fused loops. On the
-Zen 5 machine the kernel's transform as an `einsum` became 6-long matmuls and transposes, and the
-gather's transpose a scatter-add over a zeroed buffer; without them the convolution with both
-gradients ran 1.25x (batch 64) and 1.15x (batch 128) as fast. Autodiff's transpose of the input
-transform (overlapping tiles added back, as pads and adds) was the costliest transform left: the
-custom VJP, which has none, made the whole PatchConvNet train step 1.07-1.12x as fast
-(docs/performance.md, 2026-12-02, sixth session).
+cut by reshapes and slices (`_windows`), not gathered: XLA:CPU runs those as fused loops, where an
+`einsum` becomes 6-long matmuls and transposes and a gather's transpose a scatter-add over a zeroed
+buffer. The gradients are a custom VJP because autodiff's transpose of the input transform adds the
+overlapping tiles back as chains of pads and adds, the costliest transform left; the VJP has none
+(docs/performance.md#winograds-f4x4-3x3-convolution).
 """
 
 import jax

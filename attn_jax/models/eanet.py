@@ -14,20 +14,16 @@ attention, 623,268):
 External attention (per block, `ExternalAttention`): Dense(dim * coef), split into num_heads * coef
 heads, memory keys M_k = Dense(S) shared across heads, softmax over the tokens, L1 over the S memory
 slots (the "double normalisation"), dropout, memory values M_v = Dense(head_dim), merge heads,
-Dense(dim), dropout. The tutorial has S = dim // dim_coefficient = 16; the paper uses S = 64
-(`memory_slots`). The ViT baseline's self-attention is flax's `nn.MultiHeadDotProductAttention`
+Dense(dim), dropout. The ViT baseline's self-attention is flax's `nn.MultiHeadDotProductAttention`
 with Keras' MultiHeadAttention settings (`self_attention`).
 
-The layers are fields (`external_attention`, `attention_fn`): `config.model.impl` may give the
-speed versions of `attn_jax.fast` (the same parameters and function, computed in another order and a
-few examples at a time on CPU).
-
-Initialisers follow Keras (Glorot-uniform kernels with Keras' fans, `keras_init.keras_glorot`; zero
-biases, uniform(-0.05, 0.05) position embedding). The MLP's GELU is a field, `gelu_approximate`: False (the
-default) is exact (erf), as `tf.nn.gelu` in the TensorFlow 2 version of the tutorial, the run behind
-the published 43.91%; True is the tanh approximation that the current Keras 3 text gets from
-`ops.gelu` (whose default is `approximate=True`), a difference below 1e-3 per activation. The
-tutorial's softmax head is left to the loss: the model returns logits.
+Differences (docs/faithfulness.md#eanet-the-tutorial-against-the-paper): the tutorial has
+S = dim // dim_coefficient = 16 memory slots, the paper S = 64 (`memory_slots` chooses). The MLP's
+GELU (`gelu_approximate`) is exact by default, as `tf.nn.gelu` in the TensorFlow 2 tutorial behind
+the published 43.91%; True gives the tanh approximation of the current Keras 3 text's `ops.gelu`.
+The tutorial's softmax head is left to the loss: the model returns logits. Initialisers follow
+Keras (`keras_init`). The layers are fields (`external_attention`, `attention_fn`) that
+`config.model.impl` may fill from `attn_jax.fast`: the same function, faster on CPU.
 """
 
 import functools
@@ -131,7 +127,8 @@ def self_attention(num_heads: int, dim: int, attention_dropout: float, dtype: Dt
 class Mlp(nn.Module):
     """Dense(mlp_dim) + GELU, dropout, Dense(dim), dropout: [B, N, dim] -> [B, N, dim].
 
-    GELU is exact (erf) or, with `gelu_approximate`, the tanh approximation.
+    GELU is exact (erf) or, with `gelu_approximate`, the tanh approximation (`ops.gelu`'s default in
+    Keras 3); the two differ by less than 1e-3 per activation.
     """
 
     mlp_dim: int

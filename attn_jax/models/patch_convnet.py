@@ -12,38 +12,23 @@ arXiv 2112.13692), following `patchconvnet_models.py` of facebookresearch/deit:
 
 (the sizes above are for the paper's four stem convs; with `stem_convs = s` the grid is H/2^s).
 
-Details taken from the official code, and the choices made where it leaves room:
+As in the official code (docs/faithfulness.md#patchconvnet-the-tutorial-against-the-paper): exact
+GELU; timm's squeeze-excite; LayerNorm eps 1e-6 everywhere; one-head class attention with separate
+Q/K/V linears with bias and an output projection, then a Dense(mlp_ratio * d)-GELU-Dense(d) MLP;
+drop-path at the same rate in every block; PyTorch's conv padding and initialisers (`torch_conv`,
+`normal_02`).
 
-- GELU is exact (erf), as PyTorch's `nn.GELU()` default; squeeze-excite uses ReLU and a sigmoid gate
-  with round(d / 4) reduced channels (timm `SqueezeExcite(dim, rd_ratio=0.25)`).
-- Every LayerNorm has eps 1e-6 (`norm_layer=partial(nn.LayerNorm, eps=1e-6)`), including the two
-  of the class-attention block and the final one. The official code normalises [cls; patches] and
-  keeps the class token; a LayerNorm acts per token, so normalising the class token alone is the
-  same.
-- Class attention: q from the normalised class token only, k and v from the normalised
-  [cls; patches], separate Q/K/V linears with bias (`qkv_bias=True` in every variant), scale
-  head_dim^-0.5 with one head, then an output projection `proj` (Dense d -> d with bias). The
-  class MLP is Dense(mlp_ratio * d) -> GELU -> Dense(d). Its dropouts (`drop_rate`) and its
-  drop-path are 0 in the official code for every variant and are not exposed here; attention
-  dropout is.
-- Drop-path has the same rate in every trunk block (`dpr_constant=True`), is per sample, scales the
-  kept samples by 1 / keep_prob, and draws from the "dropout" rng stream.
-- Initialisation: Dense kernels and the class token normal with std 0.02, Dense biases zero,
-  LayerNorm scale 1 / bias 0, layer-scales `layer_scale_init`. The official code calls timm's
-  `trunc_normal_(std=.02)`, whose bounds a=-2, b=2 are absolute, i.e. +-100 std: no draw ever
-  reaches them, so it is a normal of std 0.02, which `nn.initializers.normal(0.02)` draws. (Flax's
-  `truncated_normal(0.02)` would truncate at +-2 std without rescaling: std 0.0176, 12% small.)
-  The official code does not re-initialise convs, so they keep PyTorch's `nn.Conv2d` default,
-  reproduced here: kernel U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming-uniform with a = sqrt(5))
-  and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_channels / groups * kh * kw.
-- Convs pad 1 on every side as PyTorch does (224 -> 112 -> 56 -> 28 -> 14), not "SAME" (which pads
-  (0, 1) for a stride-2 conv on an even size).
-- Mixed precision (a choice; the official code trains in float32 with autocast): convs and Dense
-  layers compute in `dtype`, LayerNorm, softmax and the logits in float32, and the residual streams
-  (trunk and class token) stay in float32 -- in bfloat16 a 1e-6 layer-scaled update would be rounded
-  away against an O(1) residual.
-- The attention map returned is the class token's softmax weights over the N patches before
-  attention dropout, its weight on itself dropped and the rest renormalised to sum to 1.
+Where the official code leaves room:
+- Mixed precision (the official code trains in float32 with autocast): convs and Dense layers
+  compute in `dtype`, LayerNorm, softmax and the logits in float32, and the residual streams (trunk
+  and class token) stay in float32: in bfloat16 a 1e-6 layer-scaled update would be rounded away
+  against an O(1) residual.
+- The class block's MLP dropouts and drop-path are 0 in every official variant and not exposed;
+  its attention dropout is.
+- The final LayerNorm normalises the class token alone, where the official code normalises
+  [cls; patches] and keeps the class token: a LayerNorm acts per token, so it is the same.
+- The attention map is the class token's softmax weights over the N patches before attention
+  dropout, its weight on itself dropped and the rest renormalised to sum to 1.
 """
 
 import functools
@@ -57,9 +42,12 @@ import jax.numpy as jnp
 Dtype = Any
 ModuleDef = Any
 gelu = functools.partial(nn.gelu, approximate=False)
-# timm trunc_normal_(std=.02): truncated at an absolute +-2 = +-100 std, so in effect normal(0.02).
+# Dense kernels and the class token: timm's trunc_normal_(std=.02) is truncated at an absolute +-2
+# = +-100 std, so in effect normal(0.02). (Flax's truncated_normal(0.02) would truncate at +-2 std
+# without rescaling: std 0.0176, 12% small.)
 normal_02 = nn.initializers.normal(stddev=0.02)
-# PyTorch nn.Conv2d default: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+# PyTorch nn.Conv2d default, which the official code keeps for its convs: kaiming_uniform(a=sqrt(5))
+# = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_conv_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
@@ -75,8 +63,9 @@ def torch_conv_bias(fan_in: int):
 
 def torch_conv(conv: ModuleDef, features: int, kernel: int, in_features: int, *, stride: int = 1,
                groups: int = 1, use_bias: bool = True, dtype: Dtype, name: str | None = None):
-    """A `conv` (`nn.Conv`, or `attn_jax.fast.Conv`) with PyTorch's padding (kernel // 2 each side)
-    and default initialisation."""
+    """A `conv` (`nn.Conv`, or `attn_jax.fast.Conv`) with PyTorch's padding (kernel // 2 each side:
+    224 -> 112 -> 56 -> 28 -> 14 in the stem, where "SAME" would pad (0, 1) for a stride-2 conv on
+    an even size) and default initialisation (fan_in = in_channels / groups * kh * kw)."""
     fan_in = in_features // groups * kernel * kernel
     pad = kernel // 2
     return conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
@@ -139,7 +128,8 @@ class SqueezeExcite(nn.Module):
 
 class TrunkBlock(nn.Module):
     """x + drop_path(layer_scale * F(LN(x))), F = 1x1 conv, GELU, depthwise 3x3 conv, GELU, SE,
-    1x1 conv: [B, H, W, d] -> [B, H, W, d] (float32)."""
+    1x1 conv: [B, H, W, d] -> [B, H, W, d] (float32). LayerNorm eps 1e-6 (the official
+    `norm_layer`); the drop-path rate is the same in every block (`dpr_constant=True`)."""
 
     layer_scale_init: float
     drop_path_rate: float
@@ -155,7 +145,8 @@ class TrunkBlock(nn.Module):
         y = SqueezeExcite(dtype=self.dtype, conv=self.conv)(y)
         y = torch_conv(self.conv, dim, 1, dim, dtype=self.dtype)(y)
         y = LayerScale(self.layer_scale_init)(y)
-        # Drop-path: one Bernoulli(keep) per sample, kept samples scaled by 1 / keep.
+        # Drop-path: one Bernoulli(keep) per sample from the "dropout" rng stream, kept samples
+        # scaled by 1 / keep.
         y = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3), name="drop_path")(
             y, deterministic=not train)
         return x + y
@@ -166,7 +157,8 @@ class ClassAttentionBlock(nn.Module):
     patches [B, N, d] -> (cls [B, d] float32, attn [B, N] summing to 1).
 
     u = LN([cls; patches]);  cls += layer_scale * proj(softmax(q(u_cls) k(u)^T / sqrt(d)) v(u));
-    cls += layer_scale * MLP(LN(cls)).
+    cls += layer_scale * MLP(LN(cls)). q, k, v and proj are Dense layers with bias (the official
+    `qkv_bias=True` in every variant).
     """
 
     mlp_ratio: float

@@ -10,26 +10,21 @@ simplified form of the keras-io `patch_convnet` example (CIFAR-10, 1,436,426 tra
       -> AttentionPooling: class token attends to [cls; patches]         -> [B, d]
       -> Dense head                                                      -> logits [B, classes]
 
-Differences from the paper (implemented in `patch_convnet.py`): a two-conv stem with biases, a full
-(not depthwise) 3x3 conv, squeeze-excite by Dense layers without bias at ratio 1/8, no layer-scale or
-drop-path, a LayerNorm over [cls; patches] before attention, and a Dense-GELU-Dense-GELU class MLP.
-Initialisers follow Keras (Glorot-uniform kernels, with Keras' fans for the attention's rank-3
-kernels: `keras_init.keras_glorot`; zero biases, zero class token) and GELU is exact (the normal
-CDF, not the tanh approximation), as in `tf.nn.gelu`. The convolutions are `nn.Conv`, GELU is
-`exact_gelu` and the pooling's attention `reference_class_attention` (the `conv`, `gelu` and
-`class_attention` fields: `config.model.impl` may give `attn_jax.fast.Conv`, the same layer with a
-faster kernel gradient on CPU and the trunk's 3x3 in Winograd's F(4x4, 3x3), `attn_jax.fast.gelu`,
-the same function through `erf`, and `attn_jax.fast.folded_class_attention`, the same attention with
-its key and value projections folded into its one query).
+Differences from the paper (implemented in `patch_convnet.py`;
+docs/faithfulness.md#patchconvnet-the-tutorial-against-the-paper): a two-conv stem with biases, a
+full (not depthwise) 3x3 conv, squeeze-excite by Dense layers without bias at ratio 1/8, no
+layer-scale or drop-path, a LayerNorm over [cls; patches] before attention, a Dense-GELU-Dense-GELU
+class MLP, and Keras' initialisers (`keras_init`). GELU is exact, as `tf.nn.gelu`.
 
-The trunk's weights are shared (`tie_trunk`). The tutorial's `Trunk.build` makes ONE list of layers
-and wraps that same list `depth` times (`[keras.Sequential(trunk_block) for _ in
-range(self.depth)]`); Keras layers own their weights, so every "block" is the same block applied
-again: the tutorial's model has 1,436,426 trainable parameters at d = 256, depth 2, and that model
-produced its published 84.59% and validation curve. `tie_trunk=True` reproduces it (one
-`TrunkBlock_shared` called `depth` times) and is what experiments/patch_convnet.py uses;
-`tie_trunk=False` builds `depth` independent blocks (2,174,986 parameters), the network the
-tutorial's prose ("N stacked residual convolutional blocks") and the paper describe.
+The trunk's weights are shared (`tie_trunk`): the tutorial's `Trunk.build` wraps ONE list of layers
+`depth` times, and Keras layers own their weights, so its model (1,436,426 parameters at d = 256,
+depth 2, the one behind its published 84.59%) applies one block twice. `tie_trunk=True` reproduces
+it (`TrunkBlock_shared` called `depth` times; experiments/patch_convnet.py); `tie_trunk=False`
+builds `depth` independent blocks (2,174,986 parameters), the network the tutorial's prose and the
+paper describe.
+
+The convolutions, GELU and the pooling's attention are fields (`conv`, `gelu`, `class_attention`)
+that `config.model.impl` may fill from `attn_jax.fast`: the same function, faster on CPU.
 """
 
 import functools

@@ -5,9 +5,14 @@
 #     bash benchmarks/gpu/device_run.sh            # results under $OUT
 #     QUICK=1 bash benchmarks/gpu/device_run.sh    # a rehearsal on CPU: tiny splits, 1 epoch
 #
+# It first installs attn_jax with its dependencies into the python3 it finds (pip, offline, from
+# .whl/), keeping the device's JAX and every other installed package inside attn_jax's bounds. A
+# rehearsal on CPU therefore runs in a Python 3.12 virtual environment of its own, first on PATH,
+# never in one whose attn_jax is installed from another checkout.
+#
 # In order, each stage under its own time limit so that a slow one cannot eat the next, and all of
-# them within DEADLINE_S seconds (default 560, for a machine that stops a command at 600 s; a 10 s
-# margin is kept), a stage that would get under 30 s skipped and said so in $OUT/summary.txt:
+# them within DEADLINE_S seconds (default 560: the device tool stops a command at 600 s; a 10 s margin
+# is kept), a stage that would get under 30 s skipped and said so in $OUT/summary.txt:
 #   1. the tutorial PatchConvNet, 50 epochs, bfloat16, the experiment's defaults, CIFAR-10 from the
 #      ArrayRecord copy (validation and test train[40000:]: there is no test split here);
 #   2. --mode=benchmark for the three tutorial models (bfloat16, steps_per_call 1 and 16; float32
@@ -26,13 +31,16 @@ if [ -n "$(ls -A "$OUT")" ]; then
 fi
 runs=$(mktemp -d /tmp/attn_jax_runs.XXXX)
 echo "outputs in $OUT, workdirs in $runs"
-if ! python3 -c "import tensorflow_datasets, ml_collections" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$runs/site" .whl/*.whl || exit 1
-  export PYTHONPATH=$runs/site
+if ! python3 -m pip install -q --disable-pip-version-check --no-index --find-links .whl \
+    --no-compile --no-cache-dir -e . > "$runs/install.log" 2>&1; then
+  cp "$runs/install.log" "$OUT/"
+  tail -5 "$OUT/install.log" >&2
+  echo "error: installing attn_jax from .whl/ failed (whole log: $OUT/install.log)" >&2
+  exit 1
 fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-{ nvidia-smi -L; python3 -c "import jax; print(jax.__version__, jax.devices())"; } \
+{ nvidia-smi -L; python3 -c "from attn_jax import jax_runtime, versions
+versions.warn_if_untested()
+print(jax_runtime.describe_devices())"; python3 -m pip list 2>/dev/null | grep -iE "^(jax|jaxlib|flax|optax|orbax|numpy|grain|tensorflow)"; } \
   > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
