@@ -8,7 +8,6 @@ from pathlib import Path
 
 import ml_collections
 
-from attn_jax import config as base_config
 from attn_jax.errors import UserError
 
 
@@ -42,7 +41,3 @@ def sibling_config(file: str, name: str, arg: str | None = None) -> ml_collectio
     `__file__`): how one experiment builds on another."""
     return load_module(Path(file).with_name(f"{name}.py")).get_config(arg)
 
-
-def benchmark_settings() -> ml_collections.ConfigDict:
-    """The benchmark's knobs at their defaults: the base config's `benchmark` section."""
-    return base_config.base().benchmark

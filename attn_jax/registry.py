@@ -35,8 +35,9 @@ def get_model(name: str, **kwargs) -> nn.Module:
 def resolve_impl(impl: str, backend: str) -> str:
     """config.model.impl -> "reference" or "fast". "auto" is "fast" where it was measured faster:
     on CPU (the folded and chunked attentions, the matmul conv gradient and Winograd's 3x3, the
-    folded class attention, GELU through erf: docs/performance.md);
-    elsewhere "reference", whose whole-batch ops GPUs and TPUs run well."""
+    folded class attention, GELU through erf:
+    docs/performance.md#the-fast-layers-and-the-cpu-settings); elsewhere "reference", whose
+    whole-batch ops GPUs and TPUs run well."""
     if impl == "auto":
         return "fast" if backend == "cpu" else "reference"
     return impl

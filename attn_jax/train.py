@@ -163,9 +163,9 @@ def train_call(state: TrainState, sums: Metrics, inputs: dict, key: jax.Array, s
 
 
 def unroll_steps(setting: str) -> bool:
-    """config.unroll_steps: "unroll", "loop", or "auto": unroll on CPU (XLA:CPU ran a looped train
-    step at half the speed of one step per call; unrolled, 1.28x faster: PatchConvNet, 8 steps) and
-    loop elsewhere (unrolling multiplies the compile time by the steps per call)."""
+    """config.unroll_steps: "unroll", "loop", or "auto": unroll on CPU, where XLA:CPU runs a loop body
+    at about half speed (docs/performance.md#steps-per-call-on-cpu), and loop elsewhere (unrolling
+    multiplies the compile time by the steps per call)."""
     if setting == "auto":
         return jax.default_backend() == "cpu"
     return setting == "unroll"

@@ -10,7 +10,7 @@ Measured, in this order, in one process:
    `jnp.dot` in the compute dtype, timed here: the best of `matmul_sizes` is chosen first, then
    re-timed right after every step timing, and each timing's MFU is its FLOP/s over the peak
    measured beside it (the median of those ratios is reported). A shared machine's speed drifts
-   (the same matmul measured 77 to 109 GFLOP/s within minutes on this project's machine); pairing
+   (docs/performance.md#reading-the-numbers); pairing
    each timing with its own peak keeps the ratio honest. XLA:CPU runs one device's program on every
    core of the process, so with several (fake) CPU devices this is the peak of all of them together,
    not of each.
