@@ -13,7 +13,10 @@ from attn_jax.bench import steps
 from attn_jax.experiment import load_module
 from attn_jax.state import has_ema, initial_state
 
-VARIANTS = [pytest.param(path, arg, id=f"{path.stem}:{arg}")
+# The full-size ImageNet variants trace a 25M-parameter model at 224 px (seconds each): slow-marked,
+# so the quick set keeps the tiny configs.
+VARIANTS = [pytest.param(path, arg, id=f"{path.stem}:{arg}",
+                         marks=[pytest.mark.slow] if "imagenet" in path.stem and arg != "smoke" else [])
             for path in sorted((ROOT / "experiments").glob("*.py"))
             for arg in load_module(path).VARIANTS]
 
