@@ -406,13 +406,15 @@ def _log_train(run: Run, log: MetricsLog, pace: progress.Pace, sums: Metrics, st
 
 def _end_epoch(run: Run, log: MetricsLog, ckpt: checkpoint.Checkpointer, pace: progress.Pace,
                sums: Metrics, step: int, epoch: int) -> None:
-    """Validates, saves a checkpoint with the validation metrics (for 'best'), says where the run
-    is, and draws the attention maps when due. Not counted in the training throughput."""
+    """Validates, saves a checkpoint with the validation metrics (for 'best') and waits for it to be
+    committed, then says where the run is, and draws the attention maps when due. Not counted in the
+    training throughput."""
     config = run.config
     with pace.paused():
         val = run.evaluate_logged("val")
         log.write(step, epoch, val)
         ckpt.save(run.state, sums, run.description, metrics=val)
+        ckpt.wait()  # committed before its line: a run killed after the line resumes from here
         log.info(f"epoch {epoch}/{config.num_epochs} step {step}: {log.epoch_line()} | "
                  f"{pace.median():.0f} img/s | ETA {format_duration(pace.eta(step))}")
         if config.attention_every_epochs and epoch % config.attention_every_epochs == 0:
