@@ -111,6 +111,7 @@ def main(argv: list[str]) -> None:
         validate.check(config)  # every value, before any work
         versions.warn_if_untested()  # one line naming a dependency outside the tested versions
         compile_cache.enable()  # JAX's persistent compilation cache, before anything compiles
+        jax_runtime.set_collective_timeouts()  # a busy machine slows a run, never aborts it
         use_unrolled_threefry_on_cpu()  # dropout masks at GPU speed on CPU: the same bits, faster
         # the modes that train; a sweep's parent only starts its points, each its own launch
         if (_MODE.value in ("train", "benchmark") and not _SWEEP.value) or point is not None:

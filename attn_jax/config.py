@@ -215,13 +215,15 @@ FIELDS: dict[str, Field] = {
     "benchmark.warmup_max": Field(12, integer(0), "more blocks, up to this many, until two in a row "
                                   "fault no memory in; warmup=0 turns both off"),
     "benchmark.repeats": Field(5, integer(1), "timings per step; the median is reported"),
-    "benchmark.steps": Field(3, integer(1), "calls per timing"),
+    "benchmark.steps": Field(3, integer(1, 16), "calls per timing, queued at once: at most 16, as "
+                             "XLA:CPU deadlocks with 32 calls queued on a device"),
     "benchmark.eval": Field(True, BOOLEAN, "also time the eval step"),
     "benchmark.matmul_sizes": Field((2048, 4096), sizes(), "CPU peak: square matmul sizes tried"),
     "benchmark.matmul_repeats": Field(5, integer(1), "timings per matmul size"),
     "benchmark.pipeline": Field(True, BOOLEAN, "time the input pipeline, real vs synthetic"),
     "benchmark.pipeline_batches": Field(100, integer(1), "batches of the streamed pipeline timed"),
-    "benchmark.compare_steps": Field(5, integer(1), "train steps per round, real and synthetic"),
+    "benchmark.compare_steps": Field(5, integer(1, 16), "train steps per round, real and synthetic, "
+                                     "queued at once: at most 16, as `steps`"),
     "benchmark.rounds": Field(4, integer(1), "alternating rounds of each; medians compared"),
     "benchmark.profile_steps": Field(0, integer(0), "> 0 (needs --workdir): trace that many steps"),
 

@@ -1,9 +1,11 @@
-"""JAX's runtime as launch.py sees it: whether its backends have started, and the devices it found.
+"""JAX's runtime as launch.py sees it: whether its backends have started, the devices it found, and
+how long XLA:CPU lets one device wait for another in a collective.
 
 `backends_started` answers through JAX's public configuration alone: JAX has no public query for
 it, and its internal one (`jax._src.xla_bridge.backends_are_initialized`) may move between releases.
 """
 
+import os
 from collections import Counter
 
 import jax
@@ -25,6 +27,32 @@ def backends_started() -> bool:
         return True
     jax.config.update(_PROBE_OPTION, current)
     return False
+
+
+# XLA:CPU aborts the whole process when one device's part of a collective (the gradient all-reduce,
+# the eval sums) waits for the others' longer than its timeouts: by default a warning after 20 s,
+# the abort 40 s later. A busy machine can hold a device's part back that long (other processes'
+# load, a compile on the runtime's few shared threads), so a run is given an hour: load slows it
+# down but does not kill it, while a true hang still ends in XLA's message naming the collective.
+# docs/operations.md#a-busy-machine
+COLLECTIVE_TIMEOUTS_S = {"xla_cpu_collective_call_warn_stuck_timeout_seconds": 600,
+                         "xla_cpu_collective_call_terminate_timeout_seconds": 3600}
+
+
+def with_collective_timeouts(xla_flags: str) -> str:
+    """`xla_flags` (XLA_FLAGS' value) with each of `COLLECTIVE_TIMEOUTS_S` it does not already set."""
+    added = [f"--{name}={seconds}" for name, seconds in COLLECTIVE_TIMEOUTS_S.items()
+             if f"--{name}=" not in xla_flags]
+    return " ".join([xla_flags.strip(), *added]).strip()
+
+
+def set_collective_timeouts() -> bool:
+    """Sets `COLLECTIVE_TIMEOUTS_S` in XLA_FLAGS (a value already there wins), which XLA reads once
+    when its backends start; returns False, changing nothing, if they have started."""
+    if backends_started():
+        return False
+    os.environ["XLA_FLAGS"] = with_collective_timeouts(os.environ.get("XLA_FLAGS", ""))
+    return True
 
 
 def describe_devices() -> str:

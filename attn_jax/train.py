@@ -206,12 +206,25 @@ def jit_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
 def evaluate(eval_step_fn: Callable, state: TrainState, split: data.Split, local_batch: int,
              mesh: Mesh, stats) -> dict[str, float]:
     """Mean loss, top-1 and top-5 over every example of `split`, each counted exactly once (by
-    `eval_step_fn`, a jitted or compiled eval step), and `examples`, the number of examples counted."""
-    total = None
+    `eval_step_fn`, a jitted or compiled eval step), and `examples`, the number of examples counted.
+
+    At most two calls are in flight: each batch's sums are fetched and added on the host while the
+    next batch's call runs. A loop that queued every call would deadlock XLA:CPU's runtime once a
+    device has 32 calls queued (docs/operations.md#a-busy-machine)."""
+    total, pending = None, None
     for batch in data.prefetch_to_mesh(data.eval_batches(split, local_batch), mesh):
         sums = eval_step_fn(state, batch, stats)
-        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        if pending is not None:
+            total = _add_fetched(total, pending)
+        pending = sums
+    total = _add_fetched(total, pending)
     return {**means(total), "examples": int(total["count"])}
+
+
+def _add_fetched(total: dict | None, sums: Metrics) -> dict:
+    """`total` + `sums`, fetched to the host (waits for the call that computes `sums`)."""
+    sums = jax.device_get(sums)
+    return sums if total is None else {k: total[k] + sums[k] for k in total}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,13 +406,15 @@ def _log_train(run: Run, log: MetricsLog, pace: progress.Pace, sums: Metrics, st
 
 def _end_epoch(run: Run, log: MetricsLog, ckpt: checkpoint.Checkpointer, pace: progress.Pace,
                sums: Metrics, step: int, epoch: int) -> None:
-    """Validates, saves a checkpoint with the validation metrics (for 'best'), says where the run
-    is, and draws the attention maps when due. Not counted in the training throughput."""
+    """Validates, saves a checkpoint with the validation metrics (for 'best') and waits for it to be
+    committed, then says where the run is, and draws the attention maps when due. Not counted in the
+    training throughput."""
     config = run.config
     with pace.paused():
         val = run.evaluate_logged("val")
         log.write(step, epoch, val)
         ckpt.save(run.state, sums, run.description, metrics=val)
+        ckpt.wait()  # committed before its line: a run killed after the line resumes from here
         log.info(f"epoch {epoch}/{config.num_epochs} step {step}: {log.epoch_line()} | "
                  f"{pace.median():.0f} img/s | ETA {format_duration(pace.eta(step))}")
         if config.attention_every_epochs and epoch % config.attention_every_epochs == 0:

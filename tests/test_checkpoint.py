@@ -247,6 +247,33 @@ def test_a_finished_run_relaunched_changes_nothing(tmp_path, digits_data_dir, fi
 
 
 @pytest.mark.slow
+def test_killed_after_the_last_epoch_line_the_relaunch_only_evaluates(tmp_path, digits_data_dir,
+                                                                    finished_run):
+    """SIGKILL the moment the last epoch's line is out (the final test evaluation not yet run): the
+    relaunch resumes at the last step, trains nothing, and ends with the uninterrupted run's test
+    metrics and log."""
+    reference, final = finished_run
+    workdir = tmp_path / "killed"
+    process = _launch(workdir, digits_data_dir)
+    for line in process.stdout:
+        if line.startswith("epoch 2/2 "):
+            process.kill()
+            break
+    process.wait()
+    assert not (workdir / "summary.json").exists()  # killed before the test evaluation ended
+
+    process = _launch(workdir, digits_data_dir)
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err
+    assert "resumed from the checkpoint at step 60" in out
+    assert not [line for line in out.splitlines() if line.startswith(("step ", "epoch "))]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert {k: v for k, v in summary.items() if k.startswith("test/")} == {
+        k: v for k, v in final.items() if k.startswith("test/")}
+    assert _records(workdir) == _records(reference)
+
+
+@pytest.mark.slow
 def test_a_relaunch_with_another_config_is_refused_and_the_run_recorded(tmp_path, digits_data_dir,
                                                                          finished_run):
     """DIR/run.json records the config, commit, versions and devices; resuming with a config that

@@ -29,3 +29,15 @@ def test_the_devices_are_described_in_one_line():
     assert jax_runtime.backends_started()
     line = jax_runtime.describe_devices()
     assert line == f"JAX {jax.__version__} on cpu: 8 devices (cpu)"  # conftest's 8 CPU devices
+
+
+def test_collective_timeouts_are_added_once_and_a_value_already_set_wins():
+    warn, terminate = jax_runtime.COLLECTIVE_TIMEOUTS_S
+    flags = jax_runtime.with_collective_timeouts("--xla_force_host_platform_device_count=2")
+    assert flags.split() == ["--xla_force_host_platform_device_count=2",
+                             f"--{warn}={jax_runtime.COLLECTIVE_TIMEOUTS_S[warn]}",
+                             f"--{terminate}={jax_runtime.COLLECTIVE_TIMEOUTS_S[terminate]}"]
+    assert jax_runtime.with_collective_timeouts(flags) == flags
+    mine = f"--{terminate}=7"
+    assert jax_runtime.with_collective_timeouts(mine).split() == [
+        mine, f"--{warn}={jax_runtime.COLLECTIVE_TIMEOUTS_S[warn]}"]

@@ -16,15 +16,26 @@ from jax.sharding import NamedSharding, PartitionSpec
 from attn_jax import data, optimizer, registry, train, validate
 from attn_jax.bench import steps
 from attn_jax.errors import UserError
+from attn_jax.metrics_log import MetricsLog
 from attn_jax.run_guard import DispatchQueue
 from attn_jax.state import EmaTrainState, TrainState, create_train_state, has_ema, update_ema
 
 
 @pytest.mark.slow
-def test_train_and_evaluate_writes_every_output(tmp_path, tiny_config):
+def test_train_and_evaluate_writes_every_output(tmp_path, tiny_config, monkeypatch):
     config = tiny_config()
+    committed_at_epoch_line = []  # the checkpoint folders on disk as the epoch's line is written
+    info = MetricsLog.info
+
+    def spy(log, message):
+        if message.startswith("epoch "):
+            committed_at_epoch_line.append(sorted(p.name for p in (tmp_path / "checkpoints").iterdir()))
+        info(log, message)
+
+    monkeypatch.setattr(MetricsLog, "info", spy)
     with tfds.testing.mock_data(num_examples=48):
         final = train.train_and_evaluate(config, str(tmp_path))
+    assert committed_at_epoch_line == [["3"]]  # the epoch's checkpoint, whole, before its line
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     keys = set().union(*records)
     for key in ("step", "epoch", "train/loss", "train/top1", "train/top5", "learning_rate",
