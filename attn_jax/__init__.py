@@ -5,7 +5,7 @@ and config, ready for `model.apply` (`attn_jax.modes.load`).
 """
 
 
-def load(path, which: str = "best", params: str = "raw", config=None):
+def load(path, which: str | int = "best", params: str = "raw", config=None):
     """A saved model: see `attn_jax.modes.load` (imported here on first use, to keep
     `import attn_jax` light)."""
     from attn_jax import modes

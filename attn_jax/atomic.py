@@ -1,8 +1,12 @@
 """Files written whole or not at all: a crash, a kill or a full disk mid-write leaves the previous
-version (or nothing), never half a file."""
+version (or nothing), never half a file; and the run's JSON files read back, a damaged one (cut
+short, overwritten or edited outside attn_jax) named in one line."""
 
+import json
 import os
 from pathlib import Path
+
+from attn_jax.errors import RunFault, reason
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -17,3 +21,18 @@ def write_text(path: str | Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_json_object(path: str | Path, fix: str) -> dict:
+    """The JSON object in `path` (a run's `run.json`, `summary.json`, ...); one that is not JSON, or
+    not an object, is a `RunFault` naming the file, what is wrong and `fix`, how to go on."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise RunFault(f"{path} is damaged ({reason(e)}): {fix}") from None
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(value), "a number")
+        raise RunFault(f"{path} is damaged (it holds {kind}, not a JSON object): {fix}")
+    return value

@@ -1,9 +1,9 @@
 """launch.py's command line as the user sees it fail: one `error: ...` line on stderr, an exit status.
 
 Status 2 is a fault of the input (a flag, the experiment file, a config value, a workdir: anything
-raised as a `UserError`), status 1 one of the run or the machine (a diverged loss, a full disk). A
-sweep point launched on its own (`--sweep --point`) also records its line in its directory, where
-`--collect` lists it.
+raised as a `UserError`), status 1 one of the run or the machine (a diverged loss, a full disk, a
+damaged checkpoint: a `RunFault`). A sweep point launched on its own (`--sweep --point`) also
+records its line in its directory, where `--collect` lists it.
 """
 
 import os
@@ -27,21 +27,27 @@ def fail(message: str, status: int = 2, point=None) -> NoReturn:
 
 
 def exit_on_known_error(error: Exception, point=None) -> None:
-    """Exits with one line for a `UserError` (status 2) or a file-system fault under the run (a full
-    disk, a deleted or read-only folder: status 1). Any other error is recorded in `point` and
-    returns: the caller re-raises it, its traceback being the report."""
+    """Exits with one line for a `UserError` (its `exit_status`: 2 for bad input, 1 for a
+    `RunFault`) or a file-system fault under the run (a full disk, a deleted or read-only folder:
+    status 1). Any other error is recorded in `point` and returns: the caller re-raises it, its
+    traceback being the report."""
     from attn_jax.workdir_lock import InUse
 
-    if isinstance(error, UserError):  # a refused launch (InUse) is no failure of the point
-        fail(str(error), point=None if isinstance(error, InUse) else point)
-    if (cause := environment_error(error)) is None:
+    if isinstance(error, UserError):
+        line, status = str(error), error.exit_status
+    elif (cause := environment_error(error)) is not None:
+        line, status = describe_environment_error(cause), 1
+    else:
         if point is not None:
             point.record_failure(f"{type(error).__name__}: "
                                  f"{(str(error).strip().splitlines() or [''])[-1]}")
         return
+    if status != 1:  # a refused launch (InUse) is no failure of the point
+        fail(line, status, point=None if isinstance(error, InUse) else point)
     if point is not None:
-        point.record_failure(describe_environment_error(cause))
-    print(f"error: {describe_environment_error(cause)}", file=sys.stderr, flush=True)
+        point.record_failure(line)
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
     os._exit(1)  # skip the teardown of orbax's failed writer threads, which prints tracebacks
 
 

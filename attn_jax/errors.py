@@ -1,16 +1,31 @@
-"""The one exception type for bad user input.
+"""attn_jax's one-line errors, and how faults of the machine become one.
 
-`launch.py` prints a `UserError` as a single line (no traceback) and exits with status 2. Raise it
-wherever the fix is the user's: say what is wrong and how to fix it, in one sentence.
+`UserError` is bad input: a config value, a dataset, a file, a workdir; raise it wherever the fix is
+the user's, saying what is wrong and how to fix it in one sentence. `RunFault` is a fault of a run or
+of the machine under it: a damaged file of a saved run, a full disk, a folder removed mid-run. Both
+are what the Python API raises (`one_line`) and what `launch.py` prints as its single line (no
+traceback), exiting with the error's `exit_status`: 2 for input, 1 for a fault.
 """
 
 
 import errno
+import functools
+import json
 import re
 
 
 class UserError(Exception):
-    """Bad input from the user: a config value, a dataset, a file, a workdir."""
+    """Bad input from the user: a config value, a dataset, a file, a workdir. The base of every
+    attn_jax error that is one line for the user."""
+
+    exit_status = 2
+
+
+class RunFault(UserError):
+    """A fault of a run or of the machine rather than of the input: a file of a saved run that
+    cannot be read, a full disk, a folder removed under a running training."""
+
+    exit_status = 1
 
 
 # tensorstore (orbax's storage) reports file-system faults as a status in a ValueError's message.
@@ -41,3 +56,37 @@ def describe_environment_error(error: OSError) -> str:
     cause = error.strerror or str(error) or type(error).__name__
     return (f"{where}: {cause}. The last checkpoint is kept: fix this, then relaunch the same "
             "command to resume from it")
+
+
+def reason(error: BaseException) -> str:
+    """Why a file could not be read, in a few words: the innermost error of the chain, its first
+    line; of tensorstore's messages (a status, the contexts it was met in, a JSON spec) the status
+    and the last context."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    if isinstance(error, UnicodeDecodeError):
+        return f"not text: byte {error.object[error.start]:#04x} at position {error.start}"
+    if isinstance(error, json.JSONDecodeError):
+        return f"not valid JSON: {error}"
+    text = (str(error).strip().splitlines() or [""])[0].split(" [tensorstore_spec=")[0]
+    if isinstance(error, ValueError) and (status := re.match(r"([A-Z_]+): .*: (.+)$", text)):
+        return f"{status.group(1)}: {status.group(2)}"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def one_line(function):
+    """`function`, a public entry point, raising only attn_jax's own errors for what has one line:
+    a `UserError` as it is, a file-system fault (`environment_error`) as a `RunFault` carrying the
+    line `launch.py` prints for it, caused by the original. Any other error (a bug) propagates as
+    it is, its traceback being the report."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except UserError:
+            raise
+        except Exception as e:
+            if (cause := environment_error(e)) is None:
+                raise
+            raise RunFault(describe_environment_error(cause)) from e
+    return wrapper

@@ -15,7 +15,7 @@ from tensorboardX import SummaryWriter
 from tensorboardX.summary import hparams as hparams_summary
 
 from attn_jax import atomic
-from attn_jax.errors import UserError
+from attn_jax.errors import RunFault
 
 
 def format_duration(seconds: float) -> str:
@@ -29,19 +29,25 @@ def format_duration(seconds: float) -> str:
 
 def _lines_up_to(path: Path, step: int) -> list[dict]:
     """The records of `path` with record["step"] <= step, test results excluded. A torn last line (a
-    crash in the middle of writing it) is dropped with a warning; any other unreadable line is an
-    error naming it."""
+    crash in the middle of writing it) is dropped with a warning; any other line that is no record
+    is a `RunFault` naming it."""
     if not path.exists():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    # Decoded leniently: a line of bytes that are no text is one more line that is no record.
+    lines = [line for line in path.read_bytes().decode(errors="replace").splitlines()
+             if line.strip()]
     records = []
     for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            if number < len(lines):
-                raise UserError(f"{path} line {number} is not JSON: repair or remove that line, "
-                                "or use another --workdir") from None
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        elif number < len(lines):
+            raise RunFault(f"{path} line {number} is not JSON of a step's metrics: "
+                           "repair or remove that line, or use another --workdir")
+        else:
             print(f"warning: dropped the torn last line of {path} (a crash while writing it)",
                   flush=True)
     return [r for r in records

@@ -39,13 +39,14 @@ from attn_jax import (
     warm_start,
     workdir_lock,
 )
-from attn_jax.errors import UserError
+from attn_jax.errors import UserError, one_line
 from attn_jax.interop import patch_convnet as official
 from attn_jax.interop import pth
 from attn_jax.metrics import zero_sums
 from attn_jax.state import initial_state, with_ema
 
 
+@one_line
 def summarize(config: ml_collections.ConfigDict) -> None:
     """--mode=summary: the parameter table per module, forward FLOPs per image and the total, of
     the model's reference form (the fast layers have the same parameters, and folded memories that
@@ -57,13 +58,14 @@ def summarize(config: ml_collections.ConfigDict) -> None:
     print(model_stats.format_summary(model, (size, size, 3)))
 
 
+@one_line
 def benchmark(config: ml_collections.ConfigDict, workdir: str | None = None, mesh=None) -> dict:
     """--mode=benchmark: `attn_jax.bench.run`, which prints its figures and with `workdir` writes
     them to DIR/benchmark.json."""
     return bench.run(config, workdir, mesh)
 
 
-def _restored_run(config: ml_collections.ConfigDict, workdir: Path, which: str, mesh=None,
+def _restored_run(config: ml_collections.ConfigDict, workdir: Path, which: str | int, mesh=None,
                   params: str = "raw") -> tuple[train.Run, int]:
     """(the run of `workdir` built as training builds it, with checkpoint `which` ('best', 'latest'
     or a step) restored into its state; that checkpoint's step). Nothing is written.
@@ -91,7 +93,8 @@ def _restored_run(config: ml_collections.ConfigDict, workdir: Path, which: str, 
     return run, step
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best",
+@one_line
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str | int = "best",
                         split: str = "test", mesh=None, params: str = "raw") -> dict[str, float]:
     """--mode=eval: restores checkpoint `which` ('best', 'latest' or a step) of `workdir` and
     evaluates its `params` ("raw" or "ema") on `split`; writes `workdir/eval_<which>_<split>.json`
@@ -110,6 +113,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
 # ---------------------------------------------------------------------------------------------
 # --mode=import and --mode=export: the official PatchConvNet weights (attn_jax.interop)
 # ---------------------------------------------------------------------------------------------
+@one_line
 def import_weights(config: ml_collections.ConfigDict, workdir: str | Path, weights: str | Path,
                    mesh=None) -> Path:
     """--mode=import: the official PatchConvNet `state_dict` in `weights` (a `.pth` file, read
@@ -143,8 +147,9 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str | Path, weigh
     return ckpt.directory / "0"
 
 
+@one_line
 def export_weights(config: ml_collections.ConfigDict, workdir: str | Path, weights: str | Path,
-                   which: str = "best", params: str = "raw") -> Path:
+                   which: str | int = "best", params: str = "raw") -> Path:
     """--mode=export: checkpoint `which` of `workdir` (its `params`, "raw" or "ema") as the
     official PatchConvNet `state_dict`, written to the new file `weights` in PyTorch's format
     (`PatchConvnet.load_state_dict(torch.load(weights))` loads it). An existing file is refused."""
@@ -189,7 +194,8 @@ class Loaded:
     step: int
 
 
-def load(path: str | Path, which: str = "best", params: str = "raw",
+@one_line
+def load(path: str | Path, which: str | int = "best", params: str = "raw",
          config: ml_collections.ConfigDict | None = None) -> Loaded:
     """`attn_jax.load`: the model, parameters and config saved in `path`, a workdir (its checkpoint
     `which`: "best", "latest" or a step) or one checkpoint, DIR/checkpoints/STEP; trained and
@@ -215,8 +221,9 @@ def load(path: str | Path, which: str = "best", params: str = "raw",
 # ---------------------------------------------------------------------------------------------
 # --mode=attend
 # ---------------------------------------------------------------------------------------------
+@one_line
 def attend(config: ml_collections.ConfigDict, workdir: str | Path, paths: list[str],
-           which: str = "best", mesh=None, params: str = "raw") -> list[dict]:
+           which: str | int = "best", mesh=None, params: str = "raw") -> list[dict]:
     """--mode=attend: the attention map and top-5 classes of the trained model on each image.
 
     Restores checkpoint `which` ('best', 'latest' or a step) of `workdir` (its `params`, "raw" or

@@ -4,13 +4,13 @@ request to stop after the current step), `DispatchQueue` (so such a request is h
 outputs are never trained over from scratch).
 """
 
-import json
 import signal
 import threading
 from pathlib import Path
 
 import jax
 
+from attn_jax import atomic
 from attn_jax.errors import UserError
 
 
@@ -55,11 +55,13 @@ def finished_run(workdir: Path) -> dict | None:
     path = workdir / "summary.json"
     if not path.exists():
         return None
+    summary = atomic.read_json_object(path, "it holds the final results: move it away and relaunch "
+                                            "the same command to write them again")
     if jax.process_index() == 0:
         print(f"the run in {workdir} is finished ({path}): nothing to do. Evaluate it with "
               "--mode=eval, or train another run (a longer one, another config) in another "
               "--workdir", flush=True)
-    return json.loads(path.read_text())
+    return summary
 
 
 def refuse_to_start_over(workdir: Path) -> None:

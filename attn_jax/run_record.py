@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from attn_jax import atomic
 from attn_jax.config import base
-from attn_jax.errors import UserError
+from attn_jax.errors import RunFault, UserError
 from attn_jax.validate import leaves
 
 RECORD = "run.json"
@@ -87,13 +87,26 @@ def _jsonable(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+def read_record(workdir: Path, fix: str) -> dict:
+    """`DIR/run.json`: {"config": {field: value}, "launches": [...]}. A damaged one (not JSON, or
+    not such a record) is a `RunFault` naming it and `fix`, how to go on without it."""
+    path = Path(workdir) / RECORD
+    record = atomic.read_json_object(path, fix)
+    if not isinstance(record.get("config"), dict) or not isinstance(record.get("launches"), list):
+        raise RunFault(f"{path} is damaged (no \"config\" object or \"launches\" list): {fix}")
+    return record
+
+
 def check_and_record(workdir: Path, config: ml_collections.ConfigDict, mesh: Mesh,
                      resuming: bool) -> None:
     """Writes `DIR/run.json` when a run starts; when it resumes, refuses another run's config, else
     adds this launch to the record (process 0 writes). A start that saved no checkpoint (a crash in
     start-up, say) may be relaunched with another config: that is a new run."""
     path = workdir / RECORD
-    record = json.loads(path.read_text()) if resuming and path.exists() else None
+    record = None
+    if resuming and path.exists():
+        record = read_record(workdir, "it records the config this run was launched with: put back a "
+                                      "good copy, or move it away to resume without that check")
     if record is not None and (changed := differences(record["config"], config)):
         raise UserError(f"{workdir} holds another run ({'; '.join(changed)}): relaunch it with its "
                         f"own config (recorded in {path}), or use another --workdir")
@@ -113,7 +126,8 @@ def recorded_config(workdir: Path) -> ml_collections.ConfigDict:
     if not path.exists():
         raise UserError(f"{workdir} has no {RECORD} (the record of the config it ran with): pass "
                         "the config explicitly")
-    flat = {**leaves(base()), **ADDED_FIELDS, **json.loads(path.read_text())["config"]}
+    recorded = read_record(workdir, "pass the config the run was launched with explicitly")["config"]
+    flat = {**leaves(base()), **ADDED_FIELDS, **recorded}
     config = ml_collections.ConfigDict()
     for key, value in sorted(flat.items()):
         *parents, name = key.split(".")

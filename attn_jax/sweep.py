@@ -241,7 +241,9 @@ def write_report(config_arg: str, workdir: Path) -> None:
     for point in points(config_arg):
         summary_path = workdir / point["name"] / "summary.json"
         if summary_path.exists():
-            summary = json.loads(summary_path.read_text())
+            summary = atomic.read_json_object(
+                summary_path, f"it holds the point's final results: move it away and relaunch "
+                              f"--point={point['name']} to write them again")
             rows.append({"name": point["name"], "group": _group(point),
                          **{c: summary.get(c) for c in COLUMNS}})
     table = io.StringIO()

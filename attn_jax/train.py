@@ -54,7 +54,7 @@ from attn_jax import (
     validate,
     workdir_lock,
 )
-from attn_jax.errors import UserError
+from attn_jax.errors import UserError, one_line
 from attn_jax.metrics import Metrics, attention_entropy, means, metric_sums, zero_sums
 from attn_jax.metrics_log import MetricsLog, format_duration
 from attn_jax.optimizer import accumulated_gradients, check_accumulation
@@ -482,6 +482,7 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 # 5. train_and_evaluate
 # ---------------------------------------------------------------------------------------------
+@one_line
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None,
                        hparams: dict | None = None) -> dict | None:
     """Trains `config` for config.num_epochs, evaluating on the validation split after each epoch

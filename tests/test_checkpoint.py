@@ -1,6 +1,7 @@
 """Checkpoints: exact resume after SIGTERM and SIGKILL, evaluation of saved runs, bad workdirs, and
 checkpoints of another model (or the other trunk of the tutorial PatchConvNet) refused."""
 
+import functools
 import json
 import os
 import random
@@ -9,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+import types
+from pathlib import Path
 
 import flax
 import jax
@@ -16,11 +19,19 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import ROOT, digits_config, preempted_when, tutorial_trunk_config
+from conftest import (
+    ROOT,
+    digits_config,
+    preempted_when,
+    tiny_patch_convnet_config,
+    tutorial_trunk_config,
+)
 
-from attn_jax import checkpoint, modes, registry, train
+import attn_jax
+from attn_jax import checkpoint, modes, registry, run_guard, run_record, train
 from attn_jax.bench.compilations import count_compilations
-from attn_jax.errors import UserError
+from attn_jax.errors import RunFault, UserError
+from attn_jax.state import initial_state
 
 # A tiny PatchConvNet on 480 digits: 30 steps per epoch, 2 epochs, a checkpoint every 10 steps and
 # a log line every step (so the test can see the step the run has reached); an EMA of the parameters
@@ -324,9 +335,9 @@ def test_a_run_preempted_on_one_device_resumes_on_eight(tmp_path, digits_data_di
 @pytest.mark.slow
 def test_a_full_disk_keeps_the_last_checkpoint_and_the_relaunch_resumes_exactly(
         tmp_path, digits_data_dir, finished_run, monkeypatch):
-    """An OSError mid-run (here ENOSPC while writing metrics.jsonl at step 25) stops the run; the
-    checkpoint of step 20 is intact and the relaunch ends bitwise like the uninterrupted run. The
-    console gets one line naming the path and the cause."""
+    """An OSError mid-run (here ENOSPC while writing metrics.jsonl at step 25) stops the run, a
+    RunFault carrying one line naming the path and the cause; the checkpoint of step 20 is intact
+    and the relaunch ends bitwise like the uninterrupted run."""
     import errno
 
     from attn_jax import metrics_log
@@ -340,14 +351,15 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_relaunch_resumes_exactly(
             raise OSError(errno.ENOSPC, "No space left on device", str(workdir / "metrics.jsonl"))
         write(self, step, epoch, scalars)
 
-    with monkeypatch.context() as patch, pytest.raises(OSError) as raised:
+    with monkeypatch.context() as patch, pytest.raises(RunFault) as raised:
         patch.setattr(metrics_log.MetricsLog, "write", write_until_full)
         train.train_and_evaluate(_config(digits_data_dir), str(workdir))
-    wrapped = RuntimeError("orbax: save failed")
-    wrapped.__cause__ = raised.value
-    assert describe_environment_error(environment_error(wrapped)) == (
+    assert str(raised.value) == (  # the API's own error, with the line launch.py prints
         f"{workdir / 'metrics.jsonl'}: No space left on device. The last checkpoint is kept: fix "
         "this, then relaunch the same command to resume from it")
+    wrapped = RuntimeError("orbax: save failed")
+    wrapped.__cause__ = raised.value.__cause__
+    assert describe_environment_error(environment_error(wrapped)) == str(raised.value)
     orbax = ValueError('RESOURCE_EXHAUSTED: Error writing "opt_state.0.count/0" in OCDBT database at '
                        'local file "/run/checkpoints/34/": Failed writing')  # a real full disk's
     assert (environment_error(orbax).errno, environment_error(orbax).filename) == (
@@ -511,10 +523,10 @@ def test_permission_denied_while_saving_keeps_the_last_checkpoint(tmp_path, digi
                                   str(workdir / "checkpoints" / "40"))
         save(self, state, *args, **kwargs)
 
-    with monkeypatch.context() as patch, pytest.raises(OSError) as raised:
+    with monkeypatch.context() as patch, pytest.raises(RunFault) as raised:
         patch.setattr(checkpoint.Checkpointer, "save", save_until_denied)
         train.train_and_evaluate(_config(digits_data_dir), str(workdir))
-    assert describe_environment_error(environment_error(raised.value)) == (
+    assert str(raised.value) == describe_environment_error(environment_error(raised.value)) == (
         f"{workdir / 'checkpoints' / '40'}: Permission denied. The last checkpoint is kept: fix "
         "this, then relaunch the same command to resume from it")
     kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
@@ -537,3 +549,188 @@ def test_each_environment_fault_is_one_line_naming_the_path_and_the_cause(code, 
     assert line == (f"/runs/x/checkpoints/40: {cause}. The last checkpoint is kept: fix this, then "
                     "relaunch the same command to resume from it")
     assert "\n" not in line
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints and run files: one never blocks the others, and each is one line
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def three_checkpoints(tmp_path_factory):
+    """(a workdir holding the tiny PatchConvNet's checkpoints at steps 10, 20 and 30, validation
+    top-1 0.1, 0.3 and 0.2, and its run.json, as training leaves them; its config; the state
+    saved: zeros of the train state's shapes and shardings, so nothing is compiled). No data is
+    read."""
+    config = tiny_patch_convnet_config()
+    workdir = tmp_path_factory.mktemp("three")
+    mesh = train.create_mesh()
+    _, _, abstract = initial_state(config, mesh, total_steps=30, abstract=True)
+    state = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), abstract)
+    run_record.check_and_record(workdir, config, mesh, resuming=False)
+    ckpt = checkpoint.Checkpointer(workdir, keep=3)
+    for step, top1 in ((10, 0.1), (20, 0.3), (30, 0.2)):
+        ckpt.save(_at(state, step), train.zero_sums(mesh), checkpoint.run_description(config),
+                  metrics={"val/top1": top1})
+    ckpt.close()
+    return workdir, config, state
+
+
+def _at(state, step: int):
+    """`state` at `step` (replicated as the state's own step)."""
+    return state.replace(step=jax.device_put(np.asarray(step, state.step.dtype), state.step.sharding))
+
+
+def _copy(three_checkpoints, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(three_checkpoints[0], workdir)
+    return workdir
+
+
+def _truncate_data(step_dir):
+    """Cuts every data file of the checkpoint's train state to half its length."""
+    for path in (step_dir / "state").rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def test_a_checkpoint_with_garbled_metrics_blocks_no_other(three_checkpoints, tmp_path, capsys):
+    """orbax reads every checkpoint's metrics when it opens the folder: one garbled file made every
+    checkpoint unreachable. The intact ones load; 'best' and 'latest' pass over the damaged one,
+    saying so; the damaged one asked for is one line naming it, why, and the others."""
+    workdir = _copy(three_checkpoints, tmp_path)
+    (workdir / "checkpoints" / "20" / "metrics" / "metrics").write_bytes(b"\x00\xffjunk{{")
+    assert attn_jax.load(workdir, "30").step == 30
+    assert attn_jax.load(workdir, "best").step == 30  # 20, the best, is damaged: 30 beats 10
+    assert "warning: passed over the unreadable checkpoint" in capsys.readouterr().out
+    with pytest.raises(UserError) as raised:
+        attn_jax.load(workdir / "checkpoints" / "20")
+    assert isinstance(raised.value, RunFault)
+    assert str(raised.value) == (
+        f"checkpoint {workdir / 'checkpoints' / '20'} is unreadable (metrics/metrics is not valid "
+        "JSON: Expecting value: line 1 column 1 (char 0)): choose another of its checkpoints "
+        "(steps [10, 30])")
+    (workdir / "checkpoints" / "30" / "metrics" / "metrics").write_text("[1, 2]")
+    assert attn_jax.load(workdir, "latest").step == 10
+    assert "checkpoints/30 (metrics/metrics holds no val/top1)" in capsys.readouterr().out
+
+
+def test_resume_sets_each_damaged_checkpoint_aside_and_restores_the_newest_intact(
+        three_checkpoints, tmp_path, capsys):
+    """Step 30 unlistable (garbled metrics), step 20 unreadable (its data cut short): both are
+    moved to checkpoints_unreadable/, a warning line each, and step 10 is restored. What was set
+    aside before is kept (30 again goes to 30.2), and the steps set aside can be saved again."""
+    workdir, (_, config, state) = _copy(three_checkpoints, tmp_path), three_checkpoints
+    (workdir / "checkpoints" / "30" / "metrics" / "metrics").write_text("junk")
+    _truncate_data(workdir / "checkpoints" / "20")
+    (workdir / "checkpoints_unreadable" / "30").mkdir(parents=True)
+    (workdir / "checkpoints_unreadable" / "30" / "earlier").write_text("kept")
+    ckpt = checkpoint.Checkpointer(workdir, keep=3)
+    sums = train.zero_sums(train.create_mesh())
+    restored, _ = ckpt.restore_latest(state, sums, checkpoint.run_description(config))
+    assert int(restored.step) == 10
+    out = capsys.readouterr().out
+    for step, target, why in ((30, "30.2", "metrics/metrics is not valid JSON"),
+                              (20, "20", "OUT_OF_RANGE")):
+        assert (f"warning: checkpoint {workdir / 'checkpoints' / str(step)} is unreadable ({why}"
+                in out and f"moved it to {workdir / 'checkpoints_unreadable' / target}\n" in out)
+    aside = workdir / "checkpoints_unreadable"
+    assert sorted(p.name for p in aside.iterdir()) == ["20", "30", "30.2"]
+    assert (aside / "30" / "earlier").read_text() == "kept"
+    ckpt.save(_at(state, 30), sums, checkpoint.run_description(config), metrics={"val/top1": 0.5})
+    ckpt.wait()
+    assert ckpt.steps() == [10, 30] and ckpt.resolve("best") == 30
+    ckpt.close()
+
+
+def test_a_truncated_checkpoint_is_one_line_without_tensorstores_spec(three_checkpoints, tmp_path):
+    workdir = _copy(three_checkpoints, tmp_path)
+    _truncate_data(workdir / "checkpoints" / "30")
+    for source in (workdir / "checkpoints" / "30", workdir):
+        with pytest.raises(RunFault, match=rf"^checkpoint {workdir / 'checkpoints' / '30'} is "
+                                           r"unreadable \(OUT_OF_RANGE: [^\n{]*\): choose another "
+                                           r"of its checkpoints \(steps \[10, 20\]\)$"):
+            attn_jax.load(source, "latest")
+
+
+def test_load_takes_a_step_number_and_refuses_an_empty_step_folder(three_checkpoints, tmp_path):
+    workdir = _copy(three_checkpoints, tmp_path)
+    assert attn_jax.load(workdir, 20).step == 20
+    (workdir / "checkpoints" / "40").mkdir()
+    with pytest.raises(RunFault, match=r"checkpoints/40 is unreadable \(it holds no state/ folder\): "
+                                       r"choose another of its checkpoints \(steps \[10, 20, 30\]\)$"):
+        attn_jax.load(workdir / "checkpoints" / "40")
+    with pytest.raises(UserError, match=r"^--checkpoint=25: use 'best', 'latest' or one of the "
+                                        r"saved steps \[10, 20, 30\]$"):
+        attn_jax.load(workdir, 25)
+    with pytest.raises(UserError, match=r"^checkpoint 2.5: use 'best', 'latest' or a step number$"):
+        attn_jax.load(workdir, 2.5)
+
+
+@pytest.mark.parametrize("content, why", [
+    (b'{"config": {"seed": 0', r"not valid JSON: Expecting ',' delimiter: line 1 column 22"),
+    (b"\x00\xff garbage", r"not valid JSON: Expecting value: line 1 column 1 \(char 0\)"),
+    (b"\x80 garbage", r"not text: byte 0x80 at position 0"),
+    (b"[1, 2]\n", r"it holds an array, not a JSON object"),
+    (b'{"launches": []}\n', r'no "config" object or "launches" list')])
+def test_a_damaged_run_record_is_one_line(three_checkpoints, tmp_path, content, why):
+    workdir, config = _copy(three_checkpoints, tmp_path), three_checkpoints[1]
+    (workdir / "run.json").write_bytes(content)
+    damaged = rf"^{workdir / 'run.json'} is damaged \({why}.*\): "
+    with pytest.raises(RunFault, match=damaged + "pass the config the run was launched with "):
+        attn_jax.load(workdir)
+    with pytest.raises(RunFault, match=damaged + "it records the config this run was launched "
+                                                 "with: put back a good copy, or move it away"):
+        run_record.check_and_record(workdir, config, train.create_mesh(), resuming=True)
+    assert attn_jax.load(workdir, config=config).step == 20  # with its config, the run loads
+
+
+def test_a_damaged_summary_is_one_line(tmp_path):
+    (tmp_path / "summary.json").write_text('{"test/top1": 0.9')
+    with pytest.raises(RunFault, match=rf"^{tmp_path / 'summary.json'} is damaged \(not valid JSON"
+                                       r".*\): it holds the final results: move it away and "
+                                       r"relaunch the same command to write them again$"):
+        run_guard.finished_run(tmp_path)
+
+
+def test_a_checkpoints_folder_removed_under_a_save_is_one_line(three_checkpoints, tmp_path,
+                                                               monkeypatch):
+    """orbax reports a folder removed mid-save as whichever of its writes failed first (the error
+    here is one it raised so); the folder itself says what happened."""
+    workdir, (_, config, state) = _copy(three_checkpoints, tmp_path), three_checkpoints
+    ckpt = checkpoint.Checkpointer(workdir, keep=3)
+    shutil.rmtree(ckpt.directory / "10")
+
+    def removed_mid_save(*args, **kwargs):
+        raise ValueError(f"Checkpoint directory does not exist: {ckpt.directory}/40.orbax-"
+                         "checkpoint-tmp/sums.orbax-checkpoint-tmp.")
+
+    monkeypatch.setattr(ckpt.manager, "save", removed_mid_save)
+    save = functools.partial(ckpt.save, _at(state, 40), train.zero_sums(train.create_mesh()),
+                             checkpoint.run_description(config))
+    with pytest.raises(RunFault, match=rf"^the checkpoints of steps \[10\] in {ckpt.directory} "
+                                       r"were removed while the run was saving: put back"):
+        save()
+    shutil.rmtree(ckpt.directory)
+    with pytest.raises(RunFault, match=rf"^{ckpt.directory} was removed while the run was saving: "
+                                       r"put back what was removed and relaunch the same command "
+                                       r"to resume, or train afresh in another --workdir$"):
+        save()
+
+
+def test_the_echoes_of_a_failed_orbax_read_are_not_printed():
+    """Tensorstore's late callbacks into orbax's closed event loop, and orbax's abandoned
+    coroutines, each printed a traceback through sys.unraisablehook; anything else still is."""
+    printed = []
+    hook = checkpoint._quiet_abandoned_orbax_work(printed.append)
+
+    async def work():
+        pass
+
+    in_orbax = work.__code__.replace(co_filename=str(Path(ocp.__file__).parent / "reader.py"))
+    coroutines = {"orbax's": types.FunctionType(in_orbax, {})(), "not orbax's": work()}
+    for coroutine in coroutines.values():
+        coroutine.close()
+    for source, message in ((None, "Event loop is closed"), (None, "something else"),
+                            (coroutines["orbax's"], "orbax's"),
+                            (coroutines["not orbax's"], "not orbax's")):
+        hook(types.SimpleNamespace(object=source, exc_value=RuntimeError(message)))
+    assert [u.exc_value.args[0] for u in printed] == ["something else", "not orbax's"]

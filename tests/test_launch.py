@@ -12,7 +12,7 @@ from PIL import Image
 
 import launch  # defines launch.py's flags on absl's FLAGS
 from attn_jax import cli, sweep
-from attn_jax.errors import UserError
+from attn_jax.errors import RunFault, UserError
 from attn_jax.workdir_lock import InUse
 
 EXPERIMENT = f"--config={ROOT / 'experiments' / 'eanet.py'}"  # it has a get_sweep()
@@ -82,6 +82,22 @@ def test_a_failed_point_launch_records_its_line_but_a_refused_one_does_not(tmp_p
     assert sweep.state(point.dir) == ("failed", "config.seed is -1: use an integer >= 0")
     assert cli.exit_on_known_error(RuntimeError("a bug\nin the end"), point) is None  # re-raised
     assert sweep.state(point.dir) == ("failed", "RuntimeError: in the end")
+
+
+def test_a_fault_of_the_run_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    """A RunFault (a damaged checkpoint, say) exits with status 1, recorded by its point; the exit
+    skips the teardown of orbax's writer threads (os._exit), whose tracebacks would follow."""
+    def exit_now(status):
+        raise SystemExit(status)
+
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    point = sweep.Point({"name": "a", "seed": 1}, tmp_path / "a")
+    line = "checkpoint /runs/a/checkpoints/30 is unreadable (OUT_OF_RANGE: ...): choose another"
+    with pytest.raises(SystemExit) as exited:
+        cli.exit_on_known_error(RunFault(line), point)
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == f"error: {line}\n"
+    assert sweep.state(point.dir) == ("failed", line)
 
 
 def _launch(*args: str) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from attn_jax import metrics_log
-from attn_jax.errors import UserError
+from attn_jax.errors import RunFault, UserError
 
 
 def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, tiny_config, capsys):
@@ -24,3 +24,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, tiny_config, ca
     path.write_text('{"step": 2, "epo\n{"step": 4, "epoch": 1}\n')
     with pytest.raises(UserError, match=r"metrics.jsonl line 1 is not JSON"):
         metrics_log.MetricsLog(tmp_path, tiny_config(), resume_step=4)
+    for damaged in (b"\x00\xff\xfe garbage\n", b"[2, 4]\n"):  # not text; JSON but no record
+        path.write_bytes(damaged + b'{"step": 4, "epoch": 1}\n')
+        with pytest.raises(RunFault, match=r"metrics.jsonl line 1 is not JSON of a step's metrics"):
+            metrics_log.MetricsLog(tmp_path, tiny_config(), resume_step=4)
