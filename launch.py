@@ -259,8 +259,15 @@ def main(argv: list[str]) -> None:
             MODES[_MODE.value](modes, config)
         distributed.shutdown()
     except Exception as e:  # a bad input, a full disk: one line, not a traceback
-        cli.exit_on_known_error(e, point)
+        cli.exit_on_known_error(e, point, _training_workdir(point))
         raise
+
+
+def _training_workdir(point) -> str | None:
+    """The workdir of the run this launch trains (a sweep point's, or --workdir's), else None."""
+    if point is not None:
+        return str(point.dir)
+    return _WORKDIR.value if _MODE.value == "train" and not _SWEEP.value else None
 
 
 def _train(config, workdir, hparams: dict, point=None) -> None:

@@ -27,9 +27,10 @@ def fail(message: str, status: int = 2, point=None) -> NoReturn:
     sys.exit(status)
 
 
-def exit_on_known_error(error: Exception, point=None) -> None:
+def exit_on_known_error(error: Exception, point=None, run_workdir: str | Path | None = None) -> None:
     """Exits with one line for a `UserError` (status 2) or a file-system fault under the run (a full
-    disk, a deleted or read-only folder: status 1). Any other error is recorded in `point` and
+    disk, a deleted or read-only folder: status 1), which says what is kept: for a training run
+    (`run_workdir`), its newest checkpoint or none. Any other error is recorded in `point` and
     returns: the caller re-raises it, its traceback being the report."""
     from attn_jax.workdir_lock import InUse
 
@@ -40,9 +41,15 @@ def exit_on_known_error(error: Exception, point=None) -> None:
             point.record_failure(f"{type(error).__name__}: "
                                  f"{(str(error).strip().splitlines() or [''])[-1]}")
         return
+    if run_workdir is None:
+        line = describe_environment_error(cause)
+    else:
+        from attn_jax.run_guard import relaunch_advice
+
+        line = describe_environment_error(cause, relaunch_advice(Path(run_workdir)))
     if point is not None:
-        point.record_failure(describe_environment_error(cause))
-    print(f"error: {describe_environment_error(cause)}", file=sys.stderr, flush=True)
+        point.record_failure(line)
+    print(f"error: {line}", file=sys.stderr, flush=True)
     os._exit(1)  # skip the teardown of orbax's failed writer threads, which prints tracebacks
 
 

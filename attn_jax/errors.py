@@ -34,10 +34,13 @@ def environment_error(error: BaseException) -> OSError | None:
     return None
 
 
-def describe_environment_error(error: OSError) -> str:
+RELAUNCH = "fix this, then relaunch the same command"
+
+
+def describe_environment_error(error: OSError, advice: str = RELAUNCH) -> str:
     """One line for a fault of the machine rather than of the input (a full disk, a folder deleted
-    or made read-only under a run): the path, the cause, and what keeps the work."""
+    or made read-only under a run): the path, the cause, and `advice`, what is kept and how to go
+    on (for a training run, `run_guard.relaunch_advice` says it from its workdir)."""
     where = error.filename or "a file of the run"
     cause = error.strerror or str(error) or type(error).__name__
-    return (f"{where}: {cause}. The last checkpoint is kept: fix this, then relaunch the same "
-            "command to resume from it")
+    return f"{where}: {cause}. {advice[0].upper()}{advice[1:]}"
