@@ -8,6 +8,7 @@ r"""The one entry point of attn_jax.
     python launch.py --config=experiments/eanet.py --sweep [--point=K | --collect | --dry_run] --workdir=DIR
 """
 
+import os
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -54,18 +55,36 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 flags.mark_flag_as_required("config")
 _SAVED = ("eval", "attend", "export")  # the modes of a saved checkpoint
 _ON_DEVICES = ("train", "eval", "attend", "benchmark")  # the modes that run steps, and say on what
+_MULTI_PROCESS = (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _DISTRIBUTED)
 
 
 def check_flags(argv: list[str]) -> str | None:
-    """The error line of flags that do not go together (checked before any work), or None. `argv`:
-    what absl left of the command line, the program first."""
+    """The error line of flags that do not go together, or that the mode would ignore (checked
+    before any work), or None. `argv`: what absl left of the command line, the program first."""
     if len(argv) > 1:
         return f"unexpected arguments {argv[1:]}: every option is a --flag"
     try:
         _CONFIG.value.get("seed")  # config_flags reports a file it could not load at the first access
     except OSError as e:
         return cli.describe_config_file_error(e)
-    mode, sweep, point = _MODE.value, _SWEEP.value, _POINT.value is not None
+    for check in (_sweep_flag_error, _mode_flag_error, _override_error, _output_error):
+        if (line := check()) is not None:
+            return line
+    return None
+
+
+def _doing() -> str:
+    """What the command does, as its flags say it: "--mode=eval", "--sweep --collect", ..."""
+    if not _SWEEP.value:
+        return f"--mode={_MODE.value}"
+    alternative = next((f.name for f in (_POINT, _COLLECT, _DRY_RUN) if f.present and f.value), None)
+    return "--sweep" + (f" --{alternative}" if alternative else "")
+
+
+def _sweep_flag_error() -> str | None:
+    """--sweep and its alternatives (--point, --collect, --dry_run), and the multi-process flags,
+    which only a point's own job passes on."""
+    sweep, point = _SWEEP.value, _POINT.value is not None
     refusals = [  # (refused, its line): the first refused one is the error line
         (_DRY_RUN.value and not sweep, "--dry_run only applies to --sweep (it prints the sweep's "
                                        "commands): add --sweep or drop --dry_run"),
@@ -73,21 +92,121 @@ def check_flags(argv: list[str]) -> str | None:
         (_COLLECT.value and not sweep, "--collect only applies to --sweep: add --sweep or drop --collect"),
         (sum([point, _COLLECT.value, _DRY_RUN.value]) > 1,
          "--point, --collect and --dry_run are alternatives: give one of them"),
-        (_WEIGHTS.value is not None and mode not in ("import", "export"), "--weights only applies to "
-         "--mode=import|export: drop it, or use --config.init_from to start training from saved weights"),
-        (sweep and mode != "train",
-         f"--mode={mode} does not apply to --sweep, which trains its points: drop one of them"),
-        (_CHECKPOINT.present and mode not in _SAVED, "--checkpoint only applies to "
-         "--mode=eval|attend|export: give one of those modes or drop --checkpoint"),
-        (_PARAMS.present and mode not in _SAVED,
-         "--params only applies to --mode=eval|attend|export: give one of those modes or drop --params"),
-        (_IMAGE.present and mode != "attend", "--image only applies to --mode=attend: add --mode=attend "
-         "or drop --image"),
+        (sweep and _MODE.value != "train",
+         f"--mode={_MODE.value} does not apply to --sweep, which trains its points: drop one of them"),
     ]
     if (line := next((line for refused, line in refusals if refused), None)) is not None:
         return line
-    if mode in ("train", "import", *_SAVED) or sweep:
-        return cli.workdir_error(_WORKDIR.value, mode)
+    multi = next((f.name for f in _MULTI_PROCESS if f.present), None)
+    if sweep and not point and multi is not None:
+        return (f"--{multi} does not apply to {_doing()}, only to the job of one point: start "
+                "--sweep --point=K with it on every process of that job, or drop it")
+    return None
+
+
+def _mode_flag_error() -> str | None:
+    """The flags of one mode given to another, and a mode's required flags missing."""
+    mode, doing = _MODE.value, _doing()
+    refusals = [
+        (_WEIGHTS.value is not None and mode not in ("import", "export"),
+         f"--weights does not apply to {doing}, only to --mode=import|export: drop it, or use "
+         "--config.init_from to start training from saved weights"),
+        (_CHECKPOINT.present and mode not in _SAVED,
+         f"--checkpoint does not apply to {doing}, only to --mode=eval|attend|export: give one of "
+         "those modes or drop --checkpoint"),
+        (_PARAMS.present and mode not in _SAVED,
+         f"--params does not apply to {doing}, only to --mode=eval|attend|export: give one of those "
+         "modes or drop --params"),
+        (_IMAGE.present and mode != "attend",
+         f"--image does not apply to {doing}, only to --mode=attend: add --mode=attend or drop --image"),
+        (_WORKDIR.value is not None and mode == "summary",
+         "--workdir does not apply to --mode=summary, which writes nothing: drop --workdir"),
+        (mode == "import" and not _WEIGHTS.value,
+         "--mode=import needs --weights=FILE.pth, the official state_dict to read"),
+        (mode == "export" and not _WEIGHTS.value,
+         "--mode=export needs --weights=FILE.pth, the new file to write"),
+        (mode == "attend" and not _IMAGE.value, "--mode=attend needs at least one --image=PATH"),
+    ]
+    return next((line for refused, line in refusals if refused), None)
+
+
+def _override_error() -> str | None:
+    """--config.KEY=VALUE overrides that the command would ignore: the benchmark's knobs outside
+    --mode=benchmark, any override of --sweep --collect (which trains nothing), a key that the
+    sweep's points set themselves (theirs would win), ..."""
+    overrides = list(config_flags.get_override_values(flags.FLAGS["config"]))
+    mode, doing = _MODE.value, _doing()
+    benchmark_knob = next((k for k in overrides if k.startswith("benchmark.")), None)
+    if benchmark_knob is not None and (mode != "benchmark" or _SWEEP.value):
+        return (f"--config.{benchmark_knob} does not apply to {doing}, only to --mode=benchmark "
+                "(it says how the benchmark times the steps): drop it")
+    if _SWEEP.value and _COLLECT.value and overrides:
+        return (f"--config.{overrides[0]} does not apply to --sweep --collect, which trains nothing "
+                "and tabulates the points as they ran: drop it")
+    if mode == "summary" and "model.impl" in overrides:
+        return ("--config.model.impl does not apply to --mode=summary, which counts the reference "
+                "layers (the fast ones have the same parameters): drop it")
+    if mode == "import" and "init_from" in overrides:
+        return ("--config.init_from does not apply to --mode=import, whose weights come from "
+                "--weights: drop it (a training launch fine-tunes from the import with it)")
+    if mode == "benchmark" and _CONFIG.value.benchmark.profile_steps and not _WORKDIR.value:
+        return (f"config.benchmark.profile_steps is {_CONFIG.value.benchmark.profile_steps}, but "
+                "--mode=benchmark writes the trace into --workdir: add --workdir or set it to 0")
+    if _SWEEP.value and overrides:
+        return _overridden_by_points(overrides)
+    return None
+
+
+def _overridden_by_points(overrides: list[str]) -> str | None:
+    """The line refusing a --config override that a sweep point sets too (the point's value would
+    win), or None."""
+    from attn_jax import sweep  # the experiment's get_sweep()
+    from attn_jax.errors import UserError
+
+    config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
+    try:
+        points = sweep.points(config_arg)
+    except UserError as e:
+        return str(e)
+    for key in overrides:
+        setters = [p["name"] for p in points if key in p]
+        if setters:
+            which = ("every point sets it" if len(setters) == len(points)
+                     else f"the points {', '.join(setters)} set it")
+            return (f"--config.{key} does not apply to {_doing()}: {which} (get_sweep() of "
+                    f"{config_arg.partition(':')[0]}), and a point's value wins: drop it, or change "
+                    "get_sweep()")
+    return None
+
+
+def _output_error() -> str | None:
+    """The paths the command writes to, checked before any work: the workdir (made if missing,
+    except where the command reads a run or a sweep from it), and --mode=export's new file."""
+    mode, doing, workdir = _MODE.value, _doing(), _WORKDIR.value
+    run = "the workdir of a trained or imported run"
+    if _SWEEP.value:
+        return cli.workdir_error(workdir, doing, holds="the workdir the points ran in"
+                                 if _COLLECT.value else None)
+    if mode in ("train", "import") or (mode == "benchmark" and workdir is not None):
+        return cli.workdir_error(workdir, doing)
+    if mode in ("eval", "attend"):  # they write their results into the run's workdir
+        return cli.workdir_error(workdir, doing, holds=run)
+    if mode == "export":  # reads the run, writes --weights
+        return cli.workdir_error(workdir, doing, holds=run, writes=False) or _weights_error()
+    return None
+
+
+def _weights_error() -> str | None:
+    """--mode=export's --weights: a new file in a directory this process can write in."""
+    path = Path(_WEIGHTS.value)
+    folder = path.absolute().parent
+    if os.path.lexists(path):
+        return f"--weights={path} exists: export writes a new file, choose another name"
+    if not folder.is_dir():
+        return f"--weights={path}: no such directory {folder}"
+    if (cause := cli.cannot_write_in(folder)) is not None:
+        return (f"--weights={path} cannot be written: writing in {folder} fails ({cause}): choose "
+                "another --weights")
     return None
 
 
@@ -141,8 +260,15 @@ def main(argv: list[str]) -> None:
             MODES[_MODE.value](modes, config)
         distributed.shutdown()
     except Exception as e:  # a bad input, a full disk: one line, not a traceback
-        cli.exit_on_known_error(e, point)
+        cli.exit_on_known_error(e, point, _training_workdir(point))
         raise
+
+
+def _training_workdir(point) -> str | None:
+    """The workdir of the run this launch trains (a sweep point's, or --workdir's), else None."""
+    if point is not None:
+        return str(point.dir)
+    return _WORKDIR.value if _MODE.value == "train" and not _SWEEP.value else None
 
 
 def _train(config, workdir, hparams: dict, point=None) -> None:

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -26,17 +27,22 @@ def fail(message: str, status: int = 2, point=None) -> NoReturn:
     sys.exit(status)
 
 
-def exit_on_known_error(error: Exception, point=None) -> None:
+def exit_on_known_error(error: Exception, point=None, run_workdir: str | Path | None = None) -> None:
     """Exits with one line for a `UserError` (its `exit_status`: 2 for bad input, 1 for a
     `RunFault`) or a file-system fault under the run (a full disk, a deleted or read-only folder:
-    status 1). Any other error is recorded in `point` and returns: the caller re-raises it, its
-    traceback being the report."""
+    status 1), which says what is kept: for a training run (`run_workdir`), its newest checkpoint or
+    none. Any other error is recorded in `point` and returns: the caller re-raises it, its traceback
+    being the report."""
     from attn_jax.workdir_lock import InUse
 
     if isinstance(error, UserError):
         line, status = str(error), error.exit_status
     elif (cause := environment_error(error)) is not None:
         line, status = describe_environment_error(cause), 1
+        if run_workdir is not None:
+            from attn_jax.run_guard import relaunch_advice
+
+            line = describe_environment_error(cause, relaunch_advice(Path(run_workdir)))
     else:
         if point is not None:
             point.record_failure(f"{type(error).__name__}: "
@@ -100,14 +106,41 @@ def _describe_override_error(argv: list[str], error: Exception) -> str:
     return f"bad --config: {text}"
 
 
-def workdir_error(workdir: str | None, mode: str) -> str | None:
-    """The line refusing `--workdir` unless it is (or can become) a writable directory, or None."""
+def workdir_error(workdir: str | None, what: str, *, holds: str | None = None,
+                  writes: bool = True) -> str | None:
+    """The line refusing `--workdir` for `what` (the mode, e.g. "--mode=eval"), or None: it is
+    required; with `holds` (what it must hold, e.g. "the workdir of a trained run") it must exist;
+    with `writes`, be a directory this process can write in, or create."""
     if not workdir:
-        return f"--workdir is required for --mode={mode}"
+        return f"--workdir is required for {what}"
     path = Path(workdir)
-    if path.exists() and not path.is_dir():
-        return f"--workdir={path} is a file, not a directory: choose another --workdir"
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"--workdir={path}: {existing} is not writable: choose another --workdir"
+    if holds is not None and not os.path.lexists(path):
+        return f"--workdir={path} does not exist: {what} needs {holds}"
+    if holds is not None and not path.is_dir():
+        return f"--workdir={path} is not a directory: {what} needs {holds}"
+    return unwritable(path, "--workdir") if writes else None
+
+
+def unwritable(path: Path, flag: str) -> str | None:
+    """The line refusing `flag`=`path`, a directory to write in (made if missing), or None: the
+    nearest folder on its way that exists must be a directory this process can write in."""
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        where = "" if existing == path else f": {existing}"
+        kind = "a file, not a directory" if existing.is_file() else "not a directory"
+        return f"{flag}={path}{where} is {kind}: choose another {flag}"
+    if (cause := cannot_write_in(existing)) is not None:
+        made = "is not writable" if existing == path else "cannot be created"
+        return f"{flag}={path} {made}: writing in {existing} fails ({cause}): choose another {flag}"
+    return None
+
+
+def cannot_write_in(folder: Path) -> str | None:
+    """Why this process cannot create entries in the directory `folder`, or None. Tried (a folder
+    made and removed at once), not deduced from permission bits, which root passes while /proc,
+    read-only mounts and ACLs still refuse."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".attn_jax_write_test_", dir=folder))
+    except OSError as e:
+        return e.strerror or type(e).__name__
     return None

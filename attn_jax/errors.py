@@ -49,13 +49,16 @@ def environment_error(error: BaseException) -> OSError | None:
     return None
 
 
-def describe_environment_error(error: OSError) -> str:
+RELAUNCH = "fix this, then relaunch the same command"
+
+
+def describe_environment_error(error: OSError, advice: str = RELAUNCH) -> str:
     """One line for a fault of the machine rather than of the input (a full disk, a folder deleted
-    or made read-only under a run): the path, the cause, and what keeps the work."""
+    or made read-only under a run): the path, the cause, and `advice`, what is kept and how to go
+    on (for a training run, `run_guard.relaunch_advice` says it from its workdir)."""
     where = error.filename or "a file of the run"
     cause = error.strerror or str(error) or type(error).__name__
-    return (f"{where}: {cause}. The last checkpoint is kept: fix this, then relaunch the same "
-            "command to resume from it")
+    return f"{where}: {cause}. {advice[0].upper()}{advice[1:]}"
 
 
 def reason(error: BaseException) -> str:
@@ -74,11 +77,16 @@ def reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def one_line(function):
+def one_line(function=None, *, advice=None):
     """`function`, a public entry point, raising only attn_jax's own errors for what has one line:
     a `UserError` as it is, a file-system fault (`environment_error`) as a `RunFault` carrying the
-    line `launch.py` prints for it, caused by the original. Any other error (a bug) propagates as
-    it is, its traceback being the report."""
+    line `launch.py` prints for it, caused by the original; `advice(*args, **kwargs)`, given the
+    call's arguments, says in it what is kept and how to go on (default `RELAUNCH`). Any other error
+    (a bug) propagates as it is, its traceback being the report. `@one_line` or
+    `@one_line(advice=...)`."""
+    if function is None:
+        return functools.partial(one_line, advice=advice)
+
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         try:
@@ -88,5 +96,6 @@ def one_line(function):
         except Exception as e:
             if (cause := environment_error(e)) is None:
                 raise
-            raise RunFault(describe_environment_error(cause)) from e
+            said = RELAUNCH if advice is None else advice(*args, **kwargs)
+            raise RunFault(describe_environment_error(cause, said)) from e
     return wrapper

@@ -27,10 +27,10 @@ def format_duration(seconds: float) -> str:
         f"{secs:02d}s"
 
 
-def _lines_up_to(path: Path, step: int) -> list[dict]:
-    """The records of `path` with record["step"] <= step, test results excluded. A torn last line (a
-    crash in the middle of writing it) is dropped with a warning; any other line that is no record
-    is a `RunFault` naming it."""
+def _records(path: Path, warn: bool = True) -> list[dict]:
+    """The records of `path` (none if it is missing). A torn last line (a crash in the middle of
+    writing it) is dropped, with a warning if `warn`; any other line that is no record is a
+    `RunFault` naming it."""
     if not path.exists():
         return []
     # Decoded leniently: a line of bytes that are no text is one more line that is no record.
@@ -47,11 +47,22 @@ def _lines_up_to(path: Path, step: int) -> list[dict]:
         elif number < len(lines):
             raise RunFault(f"{path} line {number} is not JSON of a step's metrics: "
                            "repair or remove that line, or use another --workdir")
-        else:
+        elif warn:
             print(f"warning: dropped the torn last line of {path} (a crash while writing it)",
                   flush=True)
-    return [r for r in records
+    return records
+
+
+def _lines_up_to(path: Path, step: int) -> list[dict]:
+    """The records of `path` with record["step"] <= step, test results excluded."""
+    return [r for r in _records(path)
             if r["step"] <= step and not any(k.startswith("test/") for k in r)]
+
+
+def check_readable(workdir: Path) -> None:
+    """Refuses (the `RunFault` of `_records`) a `metrics.jsonl` that a resumed run could not
+    continue; reads only, so a launch checks it before writing anything."""
+    _records(Path(workdir) / "metrics.jsonl", warn=False)
 
 
 class MetricsLog:

@@ -34,6 +34,7 @@ from attn_jax import (
     inference,
     model_stats,
     registry,
+    run_guard,
     run_record,
     train,
     warm_start,
@@ -126,7 +127,7 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str | Path, weigh
     if not weights:
         raise UserError("--mode=import needs --weights=FILE.pth, the official state_dict")
     workdir = Path(workdir)
-    if (workdir / "checkpoints").exists() or (workdir / run_record.RECORD).exists():
+    if run_guard.saved_steps(workdir) or (workdir / run_record.RECORD).exists():
         raise UserError(f"{workdir} already holds a run: import into a new --workdir")
     state_dict = pth.read_state_dict(weights)
     mesh = train.create_mesh() if mesh is None else mesh
@@ -134,7 +135,6 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str | Path, weigh
     params = official.to_params(state_dict, abstract.params,  # all or nothing
                                 source=f"--weights={weights}")
     with workdir_lock.hold(workdir):
-        run_record.check_and_record(workdir, config, mesh, resuming=False)  # what `load` reads
         ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
         try:
             state = warm_start.warm_state(abstract, params)
@@ -144,6 +144,9 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str | Path, weigh
             ckpt.wait()
         finally:
             ckpt.close()
+        # What `load` reads, once the checkpoint is whole: an import that failed before (a full
+        # disk) leaves no record, so relaunching it imports afresh.
+        run_record.check_and_record(workdir, config, mesh, resuming=False)
     return ckpt.directory / "0"
 
 

@@ -7,9 +7,11 @@ and the std floored at Keras' epsilon 1e-7, as `Normalization` divides by
 max(sqrt(variance), 1e-7).
 
 The result is cached as JSON in `cache_path` (the run's `DIR/normalization.json`), one entry per
-`key` (dataset name and split string), so a run on another split recomputes. In a multi-process run
-every process reads only its shard: the shards' sums are gathered (bit-exact) so that every process
-gets the same statistics, process 0 decides whether its cache holds them and is the only writer.
+`key` (dataset name and split string), so a run on another split recomputes. `channel_stats` only
+reads the cache; `cache` writes it, which a training run does once nothing can refuse its launch
+any more (a refused launch writes nothing into the workdir). In a multi-process run every process
+reads only its shard: the shards' sums are gathered (bit-exact) so that every process gets the same
+statistics, process 0 decides whether its cache holds them and is the only writer.
 """
 
 import json
@@ -32,8 +34,8 @@ def cache_key(dataset: str, split: str) -> str:
 
 def channel_stats(split: data.Split, cache_path: Path, *, key: str) -> Stats:
     """{"mean": float64 [C], "std": float64 [C]} of `split`'s raw pixels (0..255), over the whole
-    split in every process; read from `cache_path` under `key` when there, else computed and cached.
-    """
+    split in every process; read from `cache_path` under `key` when there, else computed (and not
+    written: `cache` writes them)."""
     cache_path = Path(cache_path)
     cached = _read_cache(cache_path).get(key) if jax.process_index() == 0 else None
     if jax.process_count() > 1:  # every process must take the same branch: process 0's
@@ -46,10 +48,15 @@ def channel_stats(split: data.Split, cache_path: Path, *, key: str) -> Stats:
     elif cached is not None:
         return {"mean": np.asarray(cached["mean"], np.float64),
                 "std": np.asarray(cached["std"], np.float64)}
-    stats = compute_channel_stats(split)
-    if jax.process_index() == 0:
-        _write_cache(cache_path, key, stats)
-    return stats
+    return compute_channel_stats(split)
+
+
+def cache(cache_path: Path, key: str, stats: Stats) -> None:
+    """Adds `stats` to the cache `cache_path` under `key` (process 0; nothing written when the
+    entry is there already)."""
+    entry = {name: [float(v) for v in values] for name, values in stats.items()}
+    if jax.process_index() == 0 and _read_cache(Path(cache_path)).get(key) != entry:
+        _write_cache(Path(cache_path), key, entry)
 
 
 def compute_channel_stats(split: data.Split, batch_size: int = 1024) -> Stats:
@@ -87,9 +94,9 @@ def _read_cache(path: Path) -> dict:
         return {}
 
 
-def _write_cache(path: Path, key: str, stats: Stats) -> None:
+def _write_cache(path: Path, key: str, entry: dict) -> None:
     """Adds (or replaces) the entry `key`, atomically: a reader never sees half a file."""
     entries = _read_cache(path)
-    entries[key] = {name: [float(v) for v in values] for name, values in stats.items()}
+    entries[key] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(path, json.dumps(entries, indent=1) + "\n")

@@ -7,11 +7,12 @@ points that differ only in their seed form one group in the report (mean ± std 
 
 `run` launches `launch.py --sweep --point=<name>` once per point, each training in `DIR/<name>/`,
 skipping finished points (those with a `summary.json`) and resuming interrupted ones (from their
-checkpoints); `commands` gives the equivalent plain command lines for a cluster scheduler. One point
-(`--point`, `Point`) may run as its own job, many at once sharing DIR: a point writes only inside
-its own `DIR/<name>/` (its one-line error, if it fails, in `DIR/<name>/failed.json`), and only the
-sequential `run` and `--collect` write the shared report. `write_report` tabulates the finished
-points in `DIR/sweep.md` and `DIR/sweep.csv`; `state` says where every other point stands.
+checkpoints); a SIGTERM or SIGINT to it is passed on to the point training (`PassedOn`); `commands`
+gives the equivalent plain command lines for a cluster scheduler. One point (`--point`, `Point`)
+may run as its own job, many at once sharing DIR: a point writes only inside its own `DIR/<name>/`
+(its one-line error, if it fails, in `DIR/<name>/failed.json`), and only the sequential `run` and
+`--collect` write the shared report. `write_report` tabulates the finished points in `DIR/sweep.md`
+and `DIR/sweep.csv`; `state` says where every other point stands.
 """
 
 import contextlib
@@ -20,13 +21,15 @@ import dataclasses
 import io
 import json
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
-from attn_jax import atomic, workdir_lock
+from attn_jax import atomic, run_guard, workdir_lock
 from attn_jax.errors import UserError
 from attn_jax.experiment import load_module
 
@@ -168,18 +171,80 @@ def launch(config_arg: str, workdir: Path, extra: list[str], dry_run: bool, coll
 
 
 def run(config_arg: str, workdir: Path, extra: list[str]) -> None:
-    """Trains every unfinished point in turn, then writes the report."""
-    for point in points(config_arg):
-        point_dir = workdir / point["name"]
-        if (point_dir / "summary.json").exists():
-            print(f"sweep: {point['name']} is finished, skipping", flush=True)
-            continue
-        # The point says whether it starts or resumes, and records its error if it fails.
-        result = subprocess.run(point_command(config_arg, workdir, point, extra), check=False)
-        if result.returncode != 0:
-            raise UserError(f"sweep point {point['name']} failed (exit {result.returncode}); "
-                            "fix it and relaunch the sweep: finished points are skipped")
+    """Trains every unfinished point in turn, then writes the report. A SIGTERM or SIGINT is passed
+    to the point training (which saves a checkpoint and stops) and stops the sweep after it, with
+    one line and status 128 + the signal (`PassedOn`)."""
+    with PassedOn() as signals:
+        for point in points(config_arg):
+            point_dir = workdir / point["name"]
+            if (point_dir / "summary.json").exists():
+                print(f"sweep: {point['name']} is finished, skipping", flush=True)
+                continue
+            signals.stop_before(point["name"])
+            # The point says whether it starts or resumes, and records its error if it fails.
+            returncode = signals.run(point_command(config_arg, workdir, point, extra))
+            signals.stop_after(point["name"], returncode)
+            if returncode != 0:
+                raise UserError(f"sweep point {point['name']} failed (exit {returncode}); "
+                                "fix it and relaunch the sweep: finished points are skipped")
     write_report(config_arg, workdir)
+
+
+class PassedOn:
+    """While a sequential sweep runs its points, a SIGTERM or SIGINT to it is passed on to the point
+    training (its own launch, which saves a checkpoint and stops: no point is left training
+    without its sweep), and the sweep stops after that point with one line saying which point was
+    stopped and how to resume, exit status 128 + the signal."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._process: subprocess.Popen | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "PassedOn":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        del frame
+        self.received = self.received or signum
+        if self._process is not None:
+            self._process.send_signal(signum)  # nothing once it has ended
+
+    def run(self, command: list[str]) -> int:
+        """Runs `command` to its end (a signal to the sweep meanwhile is passed on); its status."""
+        self._process = subprocess.Popen(command)
+        try:
+            if self.received:  # arrived while it was being started
+                self._process.send_signal(self.received)
+            while True:  # waits in steps: the handler runs between them, whichever thread the
+                try:  # signal reached (a wait without timeout would hold it until the point ends)
+                    return self._process.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            self._process = None
+
+    def stop_before(self, name: str) -> None:
+        """Stops the sweep if a signal came before point `name` started."""
+        if self.received:
+            self._exit(f"before point {name} started")
+
+    def stop_after(self, name: str, returncode: int) -> None:
+        """Stops the sweep if a signal came while point `name` ran (it ended with `returncode`)."""
+        if self.received:
+            self._exit(f"and passed it to point {name}, which stopped (exit {returncode})")
+
+    def _exit(self, what: str) -> NoReturn:
+        name = signal.Signals(self.received).name
+        print(f"sweep: received {name} {what}: relaunch the same command to resume the sweep from "
+              "that point (finished points are skipped)", file=sys.stderr, flush=True)
+        sys.exit(128 + self.received)
 
 
 def state(point_dir: Path) -> tuple[str, str]:
@@ -195,10 +260,7 @@ def state(point_dir: Path) -> tuple[str, str]:
             return "failed", json.loads((point_dir / FAILED).read_text())["error"]
         except (OSError, ValueError, KeyError):
             return "failed", f"(unreadable {point_dir / FAILED})"
-    checkpoints = point_dir / "checkpoints"
-    steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) \
-        if checkpoints.is_dir() else []
-    if steps:
+    if steps := run_guard.saved_steps(point_dir):
         return "interrupted", f"resumes from the checkpoint at step {steps[-1]}"
     if (point_dir / "run.json").exists() or (point_dir / "metrics.jsonl").exists():
         return "interrupted", "no checkpoint yet"

@@ -56,9 +56,9 @@ from attn_jax import (
 )
 from attn_jax.errors import UserError, one_line
 from attn_jax.metrics import Metrics, attention_entropy, means, metric_sums, zero_sums
-from attn_jax.metrics_log import MetricsLog, format_duration
+from attn_jax.metrics_log import MetricsLog, check_readable, format_duration
 from attn_jax.optimizer import accumulated_gradients, check_accumulation
-from attn_jax.run_guard import DispatchQueue, StopSignals, finished_run, refuse_to_start_over
+from attn_jax.run_guard import DispatchQueue, StopSignals, finished_run, refuse_to_start_over, relaunch_advice
 from attn_jax.state import TrainState, has_ema, initial_state, run_keys, update_ema
 from attn_jax.warm_start import warm_start
 
@@ -252,9 +252,16 @@ class Run:
     state: TrainState
     train_key: jax.Array
     stats: dict | None
+    host_stats: normalization.Stats | None = None  # `stats` in float64, as `cache_stats` writes them
     feed: data.Feed | None = None  # built by `start_feed`
     train_calls: dict[int, Callable] = dataclasses.field(default_factory=dict)  # by steps per call
     compiled_eval: Callable | None = None  # `compiled_eval_step`'s
+
+    def cache_stats(self, workdir: Path) -> None:
+        """Caches the normalisation statistics in `workdir/normalization.json` (by process 0; a
+        training run, once nothing can refuse its launch: `build_run` writes nothing)."""
+        if self.host_stats is not None:
+            normalization.cache(workdir / NORMALIZATION, stats_key(self.config), self.host_stats)
 
     def start_feed(self) -> None:
         """Decodes the training split onto the devices (or starts streaming it)."""
@@ -326,9 +333,18 @@ class Run:
         return metrics
 
 
+NORMALIZATION = "normalization.json"  # in the workdir: the cached statistics of `normalization`
+
+
+def stats_key(config: ml_collections.ConfigDict) -> str:
+    """The entry of the run's normalisation statistics in DIR/normalization.json."""
+    return normalization.cache_key(config.dataset.name, config.dataset.train_split)
+
+
 def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path, *,
               abstract: bool = False) -> Run:
-    """Loads the splits and builds the model, optimizer and initial state.
+    """Loads the splits and builds the model, optimizer and initial state; writes nothing (the
+    normalisation statistics are read from the workdir's cache, or computed: `Run.cache_stats`).
     `abstract`: the state's shapes and shardings only (`state.initial_state`), for a run whose
     state a checkpoint then replaces (--mode=eval|attend); training's is real."""
     validate.check(config)
@@ -341,13 +357,13 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path, *,
         raise UserError(f"config.batch_size {config.batch_size} is larger than the training split "
                         f"({splits['train'].num_examples} examples): lower it")
     total_steps = steps_per_epoch * config.num_epochs
-    stats = None  # per-channel mean and std of the training split, cached in the workdir
-    if config.preprocess.normalize == "standardize":
-        stats = {k: jnp.asarray(v, jnp.float32) for k, v in normalization.channel_stats(
-            splits["train"], workdir / "normalization.json",
-            key=normalization.cache_key(config.dataset.name, config.dataset.train_split)).items()}
-
     data.check_num_classes(config.dataset)
+    host_stats = None  # per-channel mean and std of the training split
+    if config.preprocess.normalize == "standardize":
+        host_stats = normalization.channel_stats(splits["train"], workdir / NORMALIZATION,
+                                                 key=stats_key(config))
+    stats = None if host_stats is None else {k: jnp.asarray(v, jnp.float32)
+                                             for k, v in host_stats.items()}
     model, schedule, state = initial_state(config, mesh, total_steps, abstract=abstract)
     image_shape = (config.preprocess.size, config.preprocess.size, 3)
     train_key = run_keys(config.seed)[1]
@@ -356,7 +372,8 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, workdir: Path, *,
     train_key, stats = jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, PartitionSpec()))(
         (train_key, stats))
     return Run(config, mesh, splits, local_eval_batch, steps_per_epoch, total_steps, model,
-               model_stats.total_params(model, image_shape), schedule, state, train_key, stats)
+               model_stats.total_params(model, image_shape), schedule, state, train_key, stats,
+               host_stats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,7 +499,12 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 # 5. train_and_evaluate
 # ---------------------------------------------------------------------------------------------
-@one_line
+def _what_the_run_keeps(config, workdir, *args, **kwargs) -> str:
+    """The end of a fault's line for a training run: its newest checkpoint, or none, kept."""
+    return relaunch_advice(Path(workdir))
+
+
+@one_line(advice=_what_the_run_keeps)
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None,
                        hparams: dict | None = None) -> dict | None:
     """Trains `config` for config.num_epochs, evaluating on the validation split after each epoch
@@ -507,13 +529,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh,
                         stop: StopSignals, hparams: dict) -> dict | None:
-    """Start-up (restore or refuse, record, compile), the epochs, then the test and the results."""
-    run = build_run(config, mesh, workdir)
-    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
+    """Start-up (restore or refuse, record, compile), the epochs, then the test and the results.
+    Every refusal (a finished run, a checkpoint of another model, logs without a checkpoint, a bad
+    config.init_from, an unreadable metrics log, another run's config) comes before the launch
+    writes anything into the workdir."""
+    run = build_run(config, mesh, workdir)  # writes nothing
     sums = zero_sums(mesh)
-    restored = ckpt.restore_latest(run.state, sums, run.description)
+    reader = checkpoint.Checkpointer(workdir, config.checkpoint.keep, read_only=True)
+    try:
+        restored = reader.restore_latest(run.state, sums, run.description)
+    finally:
+        reader.close()
     if (finished := finished_run(workdir)) is not None:
-        ckpt.close()
         return finished
     if restored is None:
         refuse_to_start_over(workdir)
@@ -521,7 +548,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: 
             run.state, warm_note = warm_start(run.state, config.init_from)
     else:
         run.state, sums = restored
+        check_readable(workdir)  # the metrics log the resumed run continues
+    # The last refusal (another run's config), then the first write: this launch's record.
     run_record.check_and_record(workdir, config, mesh, resuming=restored is not None)
+    run.cache_stats(workdir)
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
     run.start_feed()
     compile_seconds = run.compile()
     if stop.received:  # before the first step: nothing new to save, nothing written yet

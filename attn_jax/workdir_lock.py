@@ -104,7 +104,7 @@ def hold(workdir: Path) -> Iterator[None]:
     if jax.process_index() != 0:
         yield
         return
-    created = not workdir.exists()
+    created = [p for p in (workdir, *workdir.parents) if not p.exists()]  # the deepest first
     workdir.mkdir(parents=True, exist_ok=True)
     path = acquire(workdir)
     stop = threading.Event()
@@ -122,5 +122,14 @@ def hold(workdir: Path) -> Iterator[None]:
         stop.set()
         thread.join()
         path.unlink(missing_ok=True)
-        if created and not any(workdir.iterdir()):
-            workdir.rmdir()  # nothing was written: leave no empty workdir behind
+        _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Removes `folders` (the deepest first) while they are empty: a launch that wrote nothing
+    leaves no empty workdir, nor the folders made on its way."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something was written there
+            return

@@ -31,6 +31,7 @@ import attn_jax
 from attn_jax import checkpoint, modes, registry, run_guard, run_record, train
 from attn_jax.bench.compilations import count_compilations
 from attn_jax.errors import RunFault, UserError
+from attn_jax.run_guard import relaunch_advice
 from attn_jax.state import initial_state
 
 # A tiny PatchConvNet on 480 digits: 30 steps per epoch, 2 epochs, a checkpoint every 10 steps and
@@ -355,11 +356,12 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_relaunch_resumes_exactly(
         patch.setattr(metrics_log.MetricsLog, "write", write_until_full)
         train.train_and_evaluate(_config(digits_data_dir), str(workdir))
     assert str(raised.value) == (  # the API's own error, with the line launch.py prints
-        f"{workdir / 'metrics.jsonl'}: No space left on device. The last checkpoint is kept: fix "
-        "this, then relaunch the same command to resume from it")
+        f"{workdir / 'metrics.jsonl'}: No space left on device. The checkpoint at step 20 is kept: "
+        "fix this, then relaunch the same command to resume from it")
     wrapped = RuntimeError("orbax: save failed")
     wrapped.__cause__ = raised.value.__cause__
-    assert describe_environment_error(environment_error(wrapped)) == str(raised.value)
+    assert describe_environment_error(environment_error(wrapped), relaunch_advice(workdir)) == str(
+        raised.value)
     orbax = ValueError('RESOURCE_EXHAUSTED: Error writing "opt_state.0.count/0" in OCDBT database at '
                        'local file "/run/checkpoints/34/": Failed writing')  # a real full disk's
     assert (environment_error(orbax).errno, environment_error(orbax).filename) == (
@@ -526,9 +528,10 @@ def test_permission_denied_while_saving_keeps_the_last_checkpoint(tmp_path, digi
     with monkeypatch.context() as patch, pytest.raises(RunFault) as raised:
         patch.setattr(checkpoint.Checkpointer, "save", save_until_denied)
         train.train_and_evaluate(_config(digits_data_dir), str(workdir))
-    assert str(raised.value) == describe_environment_error(environment_error(raised.value)) == (
-        f"{workdir / 'checkpoints' / '40'}: Permission denied. The last checkpoint is kept: fix "
-        "this, then relaunch the same command to resume from it")
+    assert str(raised.value) == describe_environment_error(
+        environment_error(raised.value), relaunch_advice(workdir)) == (
+        f"{workdir / 'checkpoints' / '40'}: Permission denied. The checkpoint at step 30 is kept: "
+        "fix this, then relaunch the same command to resume from it")
     kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert kept[-1] == 30 and not (workdir / "run.lock").exists()
     train.train_and_evaluate(_config(digits_data_dir), str(workdir))
@@ -545,10 +548,34 @@ def test_each_environment_fault_is_one_line_naming_the_path_and_the_cause(code, 
     fault = OSError(code, os.strerror(code), "/runs/x/checkpoints/40")
     wrapped = RuntimeError("orbax: the save failed")
     wrapped.__cause__ = fault
-    line = describe_environment_error(environment_error(wrapped))
-    assert line == (f"/runs/x/checkpoints/40: {cause}. The last checkpoint is kept: fix this, then "
-                    "relaunch the same command to resume from it")
+    line = describe_environment_error(environment_error(wrapped))  # a mode that trains nothing
+    assert line == f"/runs/x/checkpoints/40: {cause}. Fix this, then relaunch the same command"
     assert "\n" not in line
+
+
+def test_a_fault_line_says_what_the_training_run_keeps(tmp_path):
+    """Its newest committed checkpoint, or none, and then whether its logs stand in the way of a
+    fresh start (a relaunch refuses to start afresh over them)."""
+    from attn_jax.errors import describe_environment_error
+
+    workdir = tmp_path / "run"
+    fault = OSError(28, "No space left on device", str(workdir / "metrics.jsonl"))
+
+    def line():
+        return describe_environment_error(fault, relaunch_advice(workdir))
+
+    start = f"{workdir / 'metrics.jsonl'}: No space left on device."
+    assert line() == (f"{start} No checkpoint was saved: fix this, then relaunch the same command "
+                      "to start the run afresh")  # a fault before the workdir was even made
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text('{"step": 5}\n')
+    assert line() == (f"{start} No checkpoint was saved, so the run cannot resume: fix this, then "
+                      f"move metrics.jsonl out of {workdir} (or use another --workdir) to start "
+                      "afresh")
+    for name in ("20", "30", "40.orbax-checkpoint-tmp-1"):  # the last one half-written
+        (workdir / "checkpoints" / name).mkdir(parents=True)
+    assert line() == (f"{start} The checkpoint at step 30 is kept: fix this, then relaunch the "
+                      "same command to resume from it")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """launch.py as a user runs it: flags that do not go together, one-line errors with a non-zero status
 (recorded by a sweep point), the summary mode, and every mode run where TensorFlow is not installed."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,55 +21,136 @@ EXPERIMENT = f"--config={ROOT / 'experiments' / 'eanet.py'}"  # it has a get_swe
 
 
 def _flag_error(*args: str) -> str | None:
-    """launch.check_flags on the command line `args`, parsed in this process."""
+    """launch.check_flags on the command line `args`, parsed in this process (config_flags reads
+    the --config.KEY overrides from sys.argv)."""
+    argv = ["launch.py", EXPERIMENT, *args]
+    saved = sys.argv
     try:
-        return launch.check_flags(flags.FLAGS(["launch.py", EXPERIMENT, *args]))
+        sys.argv = argv
+        return launch.check_flags(flags.FLAGS(argv))
     finally:
+        sys.argv = saved
         flags.FLAGS.unparse_flags()
+        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+            delattr(flags.FLAGS, name)  # the overrides' flags, defined by this parse
+
+
+def _with_paths(tmp_path, *texts):
+    """`texts` with the placeholders {W} (a workdir to be), {RUN} (an existing workdir), {FILE} (a
+    file), {NEW} (a file to be) and {EXPERIMENT} (the experiment file) filled in under `tmp_path`."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "trained").mkdir(exist_ok=True)
+    paths = {"W": tmp_path / "run", "RUN": tmp_path / "trained", "FILE": tmp_path / "file",
+             "NEW": tmp_path / "new.pth", "EXPERIMENT": EXPERIMENT.partition("=")[2]}
+    return [text.format(**paths) for text in texts]
 
 
 @pytest.mark.parametrize("args, line", [
-    (["--workdir=W", "extra"], "unexpected arguments ['extra']: every option is a --flag"),
-    (["--workdir=W", "--dry_run"], "--dry_run only applies to --sweep (it prints the sweep's commands): "
+    (["--workdir={W}", "extra"], "unexpected arguments ['extra']: every option is a --flag"),
+    # --sweep and its alternatives
+    (["--workdir={W}", "--dry_run"], "--dry_run only applies to --sweep (it prints the sweep's commands): "
                                    "add --sweep or drop --dry_run"),
-    (["--workdir=W", "--point=0"], "--point only applies to --sweep: add --sweep or drop --point"),
-    (["--workdir=W", "--collect"], "--collect only applies to --sweep: add --sweep or drop --collect"),
-    (["--workdir=W", "--sweep", "--point=0", "--dry_run"],
+    (["--workdir={W}", "--point=0"], "--point only applies to --sweep: add --sweep or drop --point"),
+    (["--workdir={W}", "--collect"], "--collect only applies to --sweep: add --sweep or drop --collect"),
+    (["--workdir={W}", "--sweep", "--point=0", "--dry_run"],
      "--point, --collect and --dry_run are alternatives: give one of them"),
-    (["--workdir=W", "--weights=x.pth"], "--weights only applies to --mode=import|export: drop it, or "
-                                         "use --config.init_from to start training from saved weights"),
-    (["--workdir=W", "--sweep", "--mode=eval"],
+    (["--workdir={W}", "--sweep", "--mode=eval"],
      "--mode=eval does not apply to --sweep, which trains its points: drop one of them"),
-    (["--workdir=W", "--checkpoint=latest"], "--checkpoint only applies to --mode=eval|attend|export: "
-                                             "give one of those modes or drop --checkpoint"),
-    (["--workdir=W", "--params=ema"], "--params only applies to --mode=eval|attend|export: give one of "
-                                      "those modes or drop --params"),
+    (["--workdir={W}", "--sweep", "--distributed"],
+     "--distributed does not apply to --sweep, only to the job of one point: start --sweep --point=K "
+     "with it on every process of that job, or drop it"),
+    (["--workdir={W}", "--sweep", "--dry_run", "--num_processes=2"],
+     "--num_processes does not apply to --sweep --dry_run, only to the job of one point: start "
+     "--sweep --point=K with it on every process of that job, or drop it"),
+    # the flags of one mode given to another, a mode's flags missing
+    (["--workdir={W}", "--weights=x.pth"], "--weights does not apply to --mode=train, only to "
+     "--mode=import|export: drop it, or use --config.init_from to start training from saved weights"),
+    (["--workdir={W}", "--checkpoint=latest"], "--checkpoint does not apply to --mode=train, only to "
+     "--mode=eval|attend|export: give one of those modes or drop --checkpoint"),
+    (["--workdir={W}", "--sweep", "--checkpoint=best"], "--checkpoint does not apply to --sweep, only to "
+     "--mode=eval|attend|export: give one of those modes or drop --checkpoint"),
+    (["--mode=benchmark", "--params=ema"], "--params does not apply to --mode=benchmark, only to "
+     "--mode=eval|attend|export: give one of those modes or drop --params"),
     (["--mode=summary", "--image=x.png"],
-     "--image only applies to --mode=attend: add --mode=attend or drop --image"),
+     "--image does not apply to --mode=summary, only to --mode=attend: add --mode=attend or drop --image"),
+    (["--mode=summary", "--workdir={W}"],
+     "--workdir does not apply to --mode=summary, which writes nothing: drop --workdir"),
+    (["--mode=import", "--workdir={W}"], "--mode=import needs --weights=FILE.pth, the official "
+                                       "state_dict to read"),
+    (["--mode=export", "--workdir={RUN}"], "--mode=export needs --weights=FILE.pth, the new file to write"),
+    (["--mode=attend", "--workdir={RUN}"], "--mode=attend needs at least one --image=PATH"),
+    # --config overrides the command would ignore
+    (["--workdir={W}", "--config.benchmark.repeats=2"], "--config.benchmark.repeats does not apply to "
+     "--mode=train, only to --mode=benchmark (it says how the benchmark times the steps): drop it"),
+    (["--mode=summary", "--config.benchmark.warmup=0"], "--config.benchmark.warmup does not apply to "
+     "--mode=summary, only to --mode=benchmark (it says how the benchmark times the steps): drop it"),
+    (["--mode=summary", "--config.model.impl=fast"], "--config.model.impl does not apply to "
+     "--mode=summary, which counts the reference layers (the fast ones have the same parameters): "
+     "drop it"),
+    (["--mode=import", "--weights=x.pth", "--workdir={W}", "--config.init_from={RUN}"],
+     "--config.init_from does not apply to --mode=import, whose weights come from --weights: drop it "
+     "(a training launch fine-tunes from the import with it)"),
+    (["--mode=benchmark", "--config.benchmark.profile_steps=2"], "config.benchmark.profile_steps is 2, "
+     "but --mode=benchmark writes the trace into --workdir: add --workdir or set it to 0"),
+    (["--sweep", "--collect", "--workdir={RUN}", "--config.num_epochs=2"],
+     "--config.num_epochs does not apply to --sweep --collect, which trains nothing and tabulates the "
+     "points as they ran: drop it"),
+    (["--sweep", "--workdir={W}", "--config.seed=5"], "--config.seed does not apply to --sweep: every "
+     "point sets it (get_sweep() of {EXPERIMENT}), and a point's value wins: drop it, or change "
+     "get_sweep()"),
+    (["--sweep", "--point=1", "--workdir={W}", "--config.model.attention=self"],
+     "--config.model.attention does not apply to --sweep --point: every point sets it (get_sweep() "
+     "of {EXPERIMENT}), and a point's value wins: drop it, or change get_sweep()"),
+    # the paths it writes, before any work
     (["--mode=eval"], "--workdir is required for --mode=eval"),
-    (["--sweep", "--collect"], "--workdir is required for --mode=train"),
-    (["--mode=import", "--workdir=FILE"], "--workdir=FILE is a file, not a directory: choose another "
-                                          "--workdir"),
+    (["--sweep", "--collect"], "--workdir is required for --sweep --collect"),
+    (["--sweep", "--collect", "--workdir={W}"],
+     "--workdir={W} does not exist: --sweep --collect needs the workdir the points ran in"),
+    (["--mode=eval", "--workdir={W}"],
+     "--workdir={W} does not exist: --mode=eval needs the workdir of a trained or imported run"),
+    (["--mode=import", "--weights=x.pth", "--workdir={FILE}"],
+     "--workdir={FILE} is a file, not a directory: choose another --workdir"),
+    (["--mode=benchmark", "--workdir={FILE}"],
+     "--workdir={FILE} is a file, not a directory: choose another --workdir"),
+    (["--workdir={FILE}/run"], "--workdir={FILE}/run: {FILE} is a file, not a directory: choose another "
+                             "--workdir"),
+    (["--mode=export", "--workdir={RUN}", "--weights={FILE}"],
+     "--weights={FILE} exists: export writes a new file, choose another name"),
 ])
 def test_flags_that_do_not_go_together_are_one_line(tmp_path, args, line):
-    (tmp_path / "file").write_text("")
-    paths = {"W": str(tmp_path / "run"), "FILE": str(tmp_path / "file")}
-    for name, path in paths.items():
-        args = [a.replace(f"={name}", f"={path}") for a in args]
-        line = line.replace(f"={name}", f"={path}")
-    assert _flag_error(*args) == line
+    args = _with_paths(tmp_path, *args)
+    assert _flag_error(*args) == _with_paths(tmp_path, line)[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc on this system")
+@pytest.mark.parametrize("args, start", [
+    (["--workdir=/proc/attn_jax_run"], "--workdir=/proc/attn_jax_run cannot be created: writing in "
+                                       "/proc fails ("),
+    (["--mode=benchmark", "--workdir=/proc/attn_jax_run"],
+     "--workdir=/proc/attn_jax_run cannot be created: writing in /proc fails ("),
+    (["--mode=export", "--workdir={RUN}", "--weights=/proc/attn_jax.pth"],
+     "--weights=/proc/attn_jax.pth cannot be written: writing in /proc fails ("),
+])
+def test_a_path_that_can_never_be_written_is_refused_up_front(tmp_path, args, start):
+    """Tried, not deduced from permissions: /proc takes no new folder, even from root."""
+    line = _flag_error(*_with_paths(tmp_path, *args))
+    assert re.fullmatch(re.escape(start) + r"[\w ]+\): choose another --(workdir|weights)", line), line
 
 
 @pytest.mark.parametrize("args", [
-    ["--workdir=W"], ["--mode=summary"], ["--mode=benchmark"],
-    ["--mode=eval", "--checkpoint=latest", "--params=ema", "--workdir=W"],
-    ["--mode=attend", "--image=a.png", "--image=b.png", "--checkpoint=20", "--workdir=W"],
-    ["--mode=export", "--weights=x.pth", "--params=ema", "--workdir=W"],
-    ["--sweep", "--mode=train", "--point=self-seed1", "--workdir=W"], ["--sweep", "--dry_run", "--workdir=W"],
+    ["--workdir={W}"], ["--mode=summary"], ["--mode=benchmark"], ["--mode=benchmark", "--workdir={W}"],
+    ["--mode=eval", "--checkpoint=latest", "--params=ema", "--workdir={RUN}"],
+    ["--mode=attend", "--image=a.png", "--image=b.png", "--checkpoint=20", "--workdir={RUN}"],
+    ["--mode=export", "--weights={NEW}", "--params=ema", "--workdir={RUN}"],
+    ["--mode=benchmark", "--config.benchmark.repeats=2"],
+    ["--sweep", "--mode=train", "--point=self-seed1", "--workdir={W}", "--config.num_epochs=2"],
+    ["--sweep", "--dry_run", "--workdir={W}"], ["--sweep", "--collect", "--workdir={RUN}"],
+    ["--sweep", "--point=0", "--distributed", "--workdir={W}"],
 ])
 def test_flags_that_go_together_pass(tmp_path, args):
-    assert _flag_error(*[a.replace("=W", f"={tmp_path / 'run'}") for a in args]) is None
+    assert _flag_error(*_with_paths(tmp_path, *args)) is None
     assert not (tmp_path / "run").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "trained"]  # the write tests left nothing
 
 
 def test_a_failed_point_launch_records_its_line_but_a_refused_one_does_not(tmp_path, capsys):
@@ -136,8 +219,10 @@ def test_misspelled_config_key_is_one_line_and_exit_2():
      "error: --dry_run only applies to --sweep (it prints the sweep's commands): add --sweep or "
      "drop --dry_run"),
     (["--config=experiments/patch_convnet.py", "--workdir=WORKDIR", "--checkpoint=latest"],
-     "error: --checkpoint only applies to --mode=eval|attend|export: give one of those modes or drop "
-     "--checkpoint"),
+     "error: --checkpoint does not apply to --mode=train, only to --mode=eval|attend|export: give one "
+     "of those modes or drop --checkpoint"),
+    (["--config=experiments/patch_convnet.py:smoke", "--mode=benchmark", "--workdir=FILE"],
+     "error: --workdir=FILE is a file, not a directory: choose another --workdir"),
 ])
 def test_bad_command_lines_are_one_line_before_any_work(tmp_path, args, line):
     paths = {"WORKDIR": str(tmp_path / "run"), "FILE": str(tmp_path / "a_file"),
@@ -204,7 +289,8 @@ def test_training_runs_without_tensorflow(tmp_path, digits_data_dir, digits_tfre
                           no_tensorflow_env)
     assert attended.returncode == 0, attended.stderr[-3000:]
     assert (tmp_path / "run" / "attend" / "digit.png").exists()
-    summary = _launch_in([*common, "--mode=summary"], no_tensorflow_env)
+    summary = _launch_in([*[a for a in common if not a.startswith("--workdir=")], "--mode=summary"],
+                         no_tensorflow_env)
     assert summary.returncode == 0 and "total params:" in summary.stdout, summary.stderr[-3000:]
 
     # A dataset prepared as TFRecord: one line saying how to convert it, exit status 2.

@@ -1,4 +1,5 @@
-"""attn_jax/normalization.py: per-channel statistics of a split, cached per split, on 1 or 2 processes."""
+"""attn_jax/normalization.py: per-channel statistics of a split, cached per split (by the caller, once
+it may write), on 1 or 2 processes."""
 
 import json
 
@@ -27,7 +28,12 @@ def test_channel_stats_cache_is_written_reread_and_keyed_by_split(tmp_path, monk
     split, images = _toy_split()
     path = tmp_path / "normalization.json"
     first = normalization.channel_stats(split, path, key="toy/train[:5]")
+    assert not path.exists()  # computing writes nothing: the run caches them once it may write
+    normalization.cache(path, "toy/train[:5]", first)
     assert list(json.loads(path.read_text())) == ["toy/train[:5]"]
+    written = path.stat().st_mtime_ns
+    normalization.cache(path, "toy/train[:5]", first)
+    assert path.stat().st_mtime_ns == written  # there already: not written again
 
     def must_not_run(_):
         raise AssertionError("recomputed despite the cache")
@@ -40,6 +46,7 @@ def test_channel_stats_cache_is_written_reread_and_keyed_by_split(tmp_path, monk
     other = {"mean": np.ones(3), "std": np.full(3, 2.0)}
     monkeypatch.setattr(normalization, "compute_channel_stats", lambda _: other)
     assert normalization.channel_stats(split, path, key="toy/train[:4]") is other  # recomputed
+    normalization.cache(path, "toy/train[:4]", other)
     assert set(json.loads(path.read_text())) == {"toy/train[:5]", "toy/train[:4]"}
 
 
@@ -54,7 +61,8 @@ def test_channel_stats_two_processes(tmp_path, monkeypatch):
                         lambda x: np.stack([x, x]))
     monkeypatch.setattr(normalization.multihost_utils, "broadcast_one_to_all", lambda x: x)
     path = tmp_path / "normalization.json"
-    computed = normalization.channel_stats(split, path, key="toy")  # process 0, no cache: writes
+    computed = normalization.channel_stats(split, path, key="toy")  # process 0, no cache
+    normalization.cache(path, "toy", computed)
     assert path.exists()
     read = normalization.channel_stats(split, path, key="toy")  # process 0, cache hit
     for name in ("mean", "std"):
@@ -62,5 +70,5 @@ def test_channel_stats_two_processes(tmp_path, monkeypatch):
         np.testing.assert_array_equal(read[name], computed[name])
     monkeypatch.setattr(normalization.jax, "process_index", lambda: 1)
     (tmp_path / "other").mkdir()
-    normalization.channel_stats(split, tmp_path / "other" / "n.json", key="toy")
+    normalization.cache(tmp_path / "other" / "n.json", "toy", computed)
     assert not (tmp_path / "other" / "n.json").exists()  # only process 0 writes

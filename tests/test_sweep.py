@@ -2,11 +2,13 @@
 a sweep that skips, resumes and reports, points run as concurrent jobs (--point) gathered by
 --collect, and each run's HParams summary."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -104,6 +106,80 @@ def test_sweep_runs_skips_resumes_and_reports(tmp_path, digits_data_dir):
                             f"--workdir={workdir}", "--config.num_epochs=2"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.stdout.count("is finished, skipping") == 2
+
+
+# A stand-in for a point's launch: it records its process id, then waits; on SIGTERM it "saves"
+# (writes which signal came) and exits 0, as a training run does.
+STAND_IN_POINT = """
+import os, pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+def stop(signum, frame):
+    (out / "saved").write_text(str(signum))
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+out.mkdir(parents=True)
+(out / "pid").write_text(str(os.getpid()))
+time.sleep(120)
+"""
+
+
+def test_a_signal_to_a_sequential_sweep_stops_its_point_then_the_sweep(tmp_path, monkeypatch,
+                                                                       capsys):
+    """SIGTERM to a sweep running its points in turn reaches the point training, which saves and
+    stops; the sweep waits for it, says which point stopped and how to resume, exits 128 + 15, and
+    starts no further point: no point is left training without its sweep."""
+    experiment, workdir = tmp_path / "exp.py", tmp_path / "sweep"
+    experiment.write_text('def get_sweep(arg=None):\n    return [{"name": "a"}, {"name": "b"}]\n')
+    monkeypatch.setattr(sweep, "point_command", lambda config_arg, workdir, point, extra: [
+        sys.executable, "-c", STAND_IN_POINT, str(workdir / point["name"])])
+
+    def preempt():  # as a scheduler does, once point a runs
+        while not (workdir / "a" / "pid").exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def not_passed_on(signum, frame):
+        raise AssertionError("the SIGTERM stopped the sweep without reaching its point")
+
+    previous = signal.signal(signal.SIGTERM, not_passed_on)
+    try:
+        threading.Thread(target=preempt, daemon=True).start()
+        with pytest.raises(SystemExit) as exited:
+            sweep.run(str(experiment), workdir, [])
+        assert signal.getsignal(signal.SIGTERM) is not_passed_on  # the sweep's handler is gone
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == (
+        "sweep: received SIGTERM and passed it to point a, which stopped (exit 0): relaunch the same "
+        "command to resume the sweep from that point (finished points are skipped)\n")
+    assert (workdir / "a" / "saved").read_text() == str(int(signal.SIGTERM))
+    with pytest.raises(ProcessLookupError):  # ended, and reaped by the sweep
+        os.kill(int((workdir / "a" / "pid").read_text()), 0)
+    assert sorted(p.name for p in workdir.iterdir()) == ["a"]  # b never started, no report
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_sequential_sweep_saves_its_point_and_leaves_none_running(tmp_path,
+                                                                              digits_data_dir):
+    experiment, workdir = tmp_path / "exp.py", tmp_path / "sweep"
+    _write_sweep_experiment(experiment, digits_data_dir, 2)
+    sweep_job = _launch(experiment, workdir, "--config.num_epochs=1000")
+    for line in sweep_job.stdout:  # until its first point trains
+        if "parameters;" in line:
+            break
+    point = json.loads((workdir / "dim8-seed0" / "run.lock").read_text())["pid"]
+    sweep_job.send_signal(signal.SIGTERM)
+    status, out, err = _finish(sweep_job, 120)
+    assert status == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1] == (
+        "sweep: received SIGTERM and passed it to point dim8-seed0, which stopped (exit 0): relaunch "
+        "the same command to resume the sweep from that point (finished points are skipped)")
+    assert "received SIGTERM: saved a checkpoint at step" in out  # the point's own line
+    with pytest.raises(ProcessLookupError):  # no point left training
+        os.kill(point, 0)
+    assert sweep.state(workdir / "dim8-seed0")[0] == "interrupted"
+    assert not (workdir / "dim8-seed1").exists()
 
 
 def _launch(experiment, workdir, *flags, **popen):

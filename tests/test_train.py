@@ -10,10 +10,10 @@ import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
-from conftest import load_experiment, random_batches, run_steps
+from conftest import load_experiment, random_batches, run_steps, with_overrides
 from jax.sharding import NamedSharding, PartitionSpec
 
-from attn_jax import data, optimizer, registry, train, validate
+from attn_jax import checkpoint, data, modes, optimizer, registry, run_record, train, validate
 from attn_jax.bench import steps
 from attn_jax.errors import UserError
 from attn_jax.metrics_log import MetricsLog
@@ -168,6 +168,46 @@ def test_train_steps_under_mock_data(tmp_path, attention):
     stats = cached["cifar100/train[:40000]"]
     assert len(stats["mean"]) == len(stats["std"]) == 3
     assert all(0 < m < 255 for m in stats["mean"]) and all(s > 0 for s in stats["std"])
+
+
+def _files(workdir):
+    """Every path under `workdir`, with the bytes of each file (None for a folder)."""
+    return {p: p.read_bytes() if p.is_file() else None for p in workdir.rglob("*")}
+
+
+def test_a_refused_launch_makes_no_workdir(tmp_path):
+    """EANet standardises with statistics cached in the workdir: a launch refused at start-up (here
+    its config.init_from holds no checkpoint) leaves no workdir, nor the folders on its way."""
+    config = with_overrides(tiny_eanet_config("external"), {"init_from": str(tmp_path)})
+    with tfds.testing.mock_data(num_examples=48), pytest.raises(
+            UserError, match="neither a workdir with checkpoints"):
+        train.train_and_evaluate(config, str(tmp_path / "new" / "run"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_refused_relaunch_writes_nothing_into_the_run(tmp_path):
+    """A workdir holding another run (here another learning rate, resumable from its checkpoint):
+    relaunching there, or evaluating it with another model, is refused and leaves every file as it
+    was (no normalization.json of the refused config)."""
+    config = tiny_eanet_config("external")
+    other = tmp_path / "other"
+    with tfds.testing.mock_data(num_examples=48):
+        run = train.build_run(config, train.create_mesh(), other)
+        assert not other.exists()  # building a run writes nothing
+        ckpt = checkpoint.Checkpointer(other, keep=3)
+        ckpt.save(run.state, train.zero_sums(run.mesh), run.description)
+        ckpt.close()
+        changed = with_overrides(config.copy_and_resolve_references(),
+                                 {"optimizer.learning_rate": 5e-3})
+        run_record.check_and_record(other, changed, run.mesh, resuming=False)
+        before = _files(other)
+        with pytest.raises(UserError, match="holds another run"):
+            train.train_and_evaluate(config, str(other))
+        with pytest.raises(UserError, match="different model"):
+            modes.evaluate_checkpoint(with_overrides(changed, {"model.dim": 24}), str(other),
+                                      "latest")
+    assert _files(other) == before and not (other / "normalization.json").exists()
 
 
 @pytest.mark.parametrize("resident_limit_mib", [None, 0], ids=["resident", "streamed"])

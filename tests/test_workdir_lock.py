@@ -44,7 +44,11 @@ def test_a_stale_lock_is_taken_over_with_a_line(tmp_path, capsys):
 
 
 def test_a_failed_start_leaves_no_empty_workdir(tmp_path):
-    workdir = tmp_path / "new"
+    workdir = tmp_path / "new" / "runs" / "a"
     with pytest.raises(RuntimeError), workdir_lock.hold(workdir):
         raise RuntimeError("e.g. a dataset that is not prepared")
-    assert not workdir.exists()
+    assert list(tmp_path.iterdir()) == []  # nor the folders made on its way
+    with pytest.raises(RuntimeError), workdir_lock.hold(workdir):
+        (tmp_path / "new" / "kept").write_text("")  # written meanwhile, beside the workdir
+        raise RuntimeError("e.g. a dataset that is not prepared")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["kept"]
