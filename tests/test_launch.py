@@ -2,6 +2,7 @@
 (recorded by a sweep point), the summary mode, and every mode run where TensorFlow is not installed."""
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +166,24 @@ def test_a_failed_point_launch_records_its_line_but_a_refused_one_does_not(tmp_p
     assert sweep.state(point.dir) == ("failed", "config.seed is -1: use an integer >= 0")
     assert cli.exit_on_known_error(RuntimeError("a bug\nin the end"), point) is None  # re-raised
     assert sweep.state(point.dir) == ("failed", "RuntimeError: in the end")
+
+
+@pytest.mark.parametrize("mode, said", [
+    ("eval", "stopped before its results were written"),
+    ("attend", "stopped; each image it wrote is whole"),  # its images are written one by one
+])
+def test_a_signal_stops_a_mode_with_one_line_saying_what_it_wrote(mode, said, capsys):
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        cli.exit_on_signals(mode)
+        with pytest.raises(SystemExit) as exited:
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert exited.value.code == 128 + signal.SIGINT
+    assert capsys.readouterr().err == (f"received SIGINT during --mode={mode}: {said}; nothing else "
+                                       "changed\n")
 
 
 def _launch(*args: str) -> subprocess.CompletedProcess:
