@@ -19,6 +19,7 @@ process-wide backend of a notebook importing attn_jax is left alone), into PNGs 
 size.
 """
 
+import io
 import json
 import math
 from pathlib import Path
@@ -28,6 +29,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
+
+from attn_jax import atomic
 
 CMAP = "inferno"  # as the tutorial
 ALPHA = 0.6
@@ -69,7 +72,9 @@ def _save(fig: Figure, path: Path) -> np.ndarray:
     fig.canvas.draw()
     pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path, format="PNG")
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    atomic.write_bytes(path, png.getvalue())  # whole or not at all, as a signal may stop --mode=attend
     return pixels
 
 

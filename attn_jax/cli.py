@@ -58,13 +58,16 @@ def exit_on_known_error(error: Exception, point=None, run_workdir: str | Path | 
 
 
 def exit_on_signals(mode: str) -> None:
-    """A SIGTERM or SIGINT stops --mode=`mode` (eval, attend, summary, benchmark) with one line and
-    status 128 + the signal: its outputs are written whole at its end (atomic renames), so nothing
-    half-written is left."""
+    """A SIGTERM or SIGINT stops --mode=`mode` (eval, attend, summary, benchmark, ...) with one line
+    and status 128 + the signal: its outputs are written whole (atomic renames), at its end, but
+    for attend's images, one by one, so nothing half-written is left."""
+    written = ("stopped; each image it wrote is whole" if mode == "attend"
+               else "stopped before its results were written")
+
     def stop(signum, frame) -> None:
         del frame
-        print(f"received {signal.Signals(signum).name} during --mode={mode}: stopped before its "
-              "results were written; nothing else changed", file=sys.stderr, flush=True)
+        print(f"received {signal.Signals(signum).name} during --mode={mode}: {written}; nothing "
+              "else changed", file=sys.stderr, flush=True)
         sys.exit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -2,6 +2,7 @@
 (recorded by a sweep point), the summary mode, and every mode run where TensorFlow is not installed."""
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -181,6 +182,24 @@ def test_a_fault_of_the_run_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch
     assert exited.value.code == 1
     assert capsys.readouterr().err == f"error: {line}\n"
     assert sweep.state(point.dir) == ("failed", line)
+
+
+@pytest.mark.parametrize("mode, said", [
+    ("eval", "stopped before its results were written"),
+    ("attend", "stopped; each image it wrote is whole"),  # its images are written one by one
+])
+def test_a_signal_stops_a_mode_with_one_line_saying_what_it_wrote(mode, said, capsys):
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        cli.exit_on_signals(mode)
+        with pytest.raises(SystemExit) as exited:
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert exited.value.code == 128 + signal.SIGINT
+    assert capsys.readouterr().err == (f"received SIGINT during --mode={mode}: {said}; nothing else "
+                                       "changed\n")
 
 
 def _launch(*args: str) -> subprocess.CompletedProcess:
