@@ -297,6 +297,32 @@ def _builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     return builder
 
 
+def check_features(cfg: ml_collections.ConfigDict, features) -> None:
+    """config.dataset.image_key must name an image feature of the dataset and label_key a class
+    label (tfds' `Image` and `ClassLabel`): a `UserError` naming the key, the dataset's features
+    and the key to set."""
+    kinds = {"image_key": (tfds.features.Image, "an image"),
+             "label_key": (tfds.features.ClassLabel, "a class label")}
+    for field, (kind, what) in kinds.items():
+        fits = sorted(k for k, f in features.items() if isinstance(f, kind))
+        if cfg[field] in fits:
+            continue
+        listing = ", ".join(f"{k!r} ({_describe_feature(f)})" for k, f in sorted(features.items()))
+        fix = (f"set it to {fits[0]!r}" if fits else
+               f"attn_jax needs a dataset with {what} feature (an image classification dataset)")
+        raise UserError(f"config.dataset.{field} is {cfg[field]!r}, which is not {what} feature of "
+                        f"dataset {cfg.name!r} (its features: {listing}): {fix}")
+
+
+def _describe_feature(feature) -> str:
+    """'image', 'class label, 10 classes', or the feature's tfds type."""
+    if isinstance(feature, tfds.features.Image):
+        return "image"
+    if isinstance(feature, tfds.features.ClassLabel):
+        return f"class label, {feature.num_classes} classes"
+    return type(feature).__name__
+
+
 def check_num_classes(cfg: ml_collections.ConfigDict) -> None:
     """config.dataset.num_classes must match the dataset's label feature."""
     actual = _builder(cfg).info.features[cfg.label_key].num_classes
@@ -326,9 +352,7 @@ def load_split(cfg: ml_collections.ConfigDict, split: str) -> Split:
     builder = _builder(cfg)
     image_size = cfg.image_size
     features = builder.info.features
-    if cfg.image_key not in features or cfg.label_key not in features:
-        raise UserError(f"dataset {cfg.name!r} has features {sorted(features.keys())}: set "
-                        "config.dataset.image_key and label_key to two of them")
+    check_features(cfg, features)
     shape = features[cfg.image_key].shape
     if image_size:
         shape = (image_size, image_size, shape[-1])

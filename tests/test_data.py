@@ -262,10 +262,16 @@ def test_crops_of_data_prepared_as_tfrecord_are_a_clear_error(digits_tfrecord_di
         data.load_split(config.dataset, "test")
 
 
-def test_missing_image_key_is_a_clear_error(digits_data_dir):
-    config = in_process_digits_config(digits_data_dir, **{"dataset.image_key": "img"})
-    with pytest.raises(UserError, match=r"has features \['image', 'label'\]: set config.dataset"):
+@pytest.mark.parametrize("key, value, fix", [
+    ("image_key", "img", "an image feature.*set it to 'image'"),
+    ("label_key", "image", "a class label feature.*set it to 'label'"),  # the images as labels
+    ("image_key", "label", "an image feature.*set it to 'image'")])
+def test_a_key_that_names_no_such_feature_is_a_clear_error(digits_data_dir, key, value, fix):
+    config = in_process_digits_config(digits_data_dir, **{f"dataset.{key}": value})
+    with pytest.raises(UserError, match=rf"config.dataset.{key} is '{value}', which is not {fix}"
+                       ) as raised:
         data.load_split(config.dataset, "test")
+    assert "(its features: 'image' (image), 'label' (class label, 10 classes))" in str(raised.value)
 
 
 def test_batch_that_does_not_divide_over_devices_is_a_clear_error(tiny_config):
