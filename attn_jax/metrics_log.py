@@ -80,8 +80,8 @@ class MetricsLog:
             self.write_json("config.json", config.to_dict())
             path = self.workdir / "metrics.jsonl"
             kept = _lines_up_to(path, resume_step) if resume_step is not None else []
-            for record in kept:
-                self._latest.update({k: v for k, v in record.items() if "/" in k})
+            for record in kept:  # every scalar, learning_rate too, as `write` remembers them
+                self._latest.update({k: v for k, v in record.items() if k not in ("step", "epoch")})
             atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
             self._jsonl = open(path, "a")  # noqa: SIM115
         # TensorBoard events by tensorboardX: clu's writers import TensorFlow.

@@ -1,7 +1,9 @@
 """A run's pace: training images/s per log interval, the time left, and the progress line.
 
 `Pace` is what the training loop calls (`stepped` after each call, `logged` at each log interval,
-`paused` around evaluation); `Throughput` and `Progress` are its two halves.
+`paused` around evaluation); `Throughput` and `Progress` are its two halves. A resumed run carries
+on the pace of its earlier launches (`Pace.record`, saved with each checkpoint): its training time
+and the images/s of every log interval measured, so its summary is an uninterrupted run's.
 """
 
 import contextlib
@@ -19,8 +21,9 @@ class Throughput:
     """Training images/s per log interval, excluding compilation (the first call of each step
     count is not timed) and evaluation (`paused`)."""
 
-    def __init__(self, batch_size: int):
-        self.batch_size, self.rates = batch_size, []
+    def __init__(self, batch_size: int, rates=()):
+        """`rates`: the images/s of earlier launches' log intervals."""
+        self.batch_size, self.rates = batch_size, list(rates)
         self.start, self.steps, self.seen = None, 0, set()
 
     def stepped(self, num_steps: int, result) -> None:
@@ -81,12 +84,17 @@ class Progress:
 
 
 class Pace:
-    """Throughput and ETA bookkeeping of a run from `step` to `total_steps`, and its progress line."""
+    """Throughput and ETA bookkeeping of a run from `step` to `total_steps`, its training time, and
+    its progress line."""
 
-    def __init__(self, total_steps: int, step: int, batch_size: int, enabled: bool):
+    def __init__(self, total_steps: int, step: int, batch_size: int, enabled: bool,
+                 carried: dict | None = None):
+        """`carried`: the `record` of the launches before this one (a resumed run), or None."""
+        carried = carried or {}
         self.total = total_steps
-        self.speed = Throughput(batch_size)
+        self.speed = Throughput(batch_size, carried.get("images_per_s", ()))
         self.progress = Progress(total_steps, step, enabled)
+        self.earlier_s, self.start = float(carried.get("wall_time_s", 0.0)), time.perf_counter()
 
     def stepped(self, num_steps: int, result) -> None:
         """After a call of `num_steps` train steps (`result`: its outputs, to time a compile)."""
@@ -107,7 +115,18 @@ class Pace:
         return self.speed.seconds_for(self.total - step)
 
     def median(self) -> float:
+        """The median images/s over every log interval measured, in this launch and earlier ones."""
         return self.speed.median()
+
+    def wall_time(self) -> float:
+        """Seconds of training: this launch's so far, and those of the launches before it."""
+        return self.earlier_s + time.perf_counter() - self.start
+
+    def record(self) -> dict:
+        """What a checkpoint keeps of the pace, for a resumed run to carry on (`carried`): the
+        training time so far and the images/s of each log interval (to 0.01)."""
+        return {"wall_time_s": self.wall_time(),
+                "images_per_s": [round(rate, 2) for rate in self.speed.rates]}
 
     def close(self) -> None:
         self.progress.close()

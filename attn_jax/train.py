@@ -236,6 +236,10 @@ def create_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), ("data",))
 
 
+# The entry of a checkpoint's description that records the pace of the run up to it.
+PACE = "pace"
+
+
 @dataclasses.dataclass
 class Run:
     """Everything a run is made of, built the same way for training and for evaluation."""
@@ -254,6 +258,7 @@ class Run:
     stats: dict | None
     host_stats: normalization.Stats | None = None  # `stats` in float64, as `cache_stats` writes them
     feed: data.Feed | None = None  # built by `start_feed`
+    pace: progress.Pace | None = None  # the training loop's, recorded in its checkpoints
     train_calls: dict[int, Callable] = dataclasses.field(default_factory=dict)  # by steps per call
     compiled_eval: Callable | None = None  # `compiled_eval_step`'s
 
@@ -314,8 +319,11 @@ class Run:
 
     @property
     def description(self) -> dict:
-        """What a checkpoint of this run records and a resume checks (`checkpoint.run_description`)."""
-        return checkpoint.run_description(self.config)
+        """What a checkpoint of this run records: what a resume checks (`checkpoint.run_description`)
+        and, once the training loop runs, its pace so far (`progress.Pace.record`), which a resumed
+        run carries on (`carried_pace`)."""
+        described = checkpoint.run_description(self.config)
+        return described if self.pace is None else {**described, PACE: self.pace.record()}
 
     def evaluate(self, split: str, ema: bool = False) -> dict[str, float]:
         """Mean loss, top-1 and top-5 of the current state on split "train", "val" or "test"; with
@@ -561,8 +569,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: 
     if restored is None and config.init_from:
         log.info(warm_note)
     _log_start(log, run, ckpt, restored is not None, compile_seconds)
-    pace = progress.Pace(run.total_steps, run.step, config.batch_size, enabled=log.is_writer)
-    start = time.perf_counter()
+    carried = carried_pace(ckpt, run.step) if restored is not None else None
+    pace = run.pace = progress.Pace(run.total_steps, run.step, config.batch_size,
+                                    enabled=log.is_writer, carried=carried)
     try:
         stopped = _train_epochs(run, sums, log, ckpt, pace, stop)
     finally:
@@ -573,7 +582,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh: 
                  "same command to resume")
         log.close()
         return None
-    return _finish(run, log, ckpt, pace, time.perf_counter() - start, stop, hparams)
+    return _finish(run, log, ckpt, pace, pace.wall_time(), stop, hparams)
+
+
+def carried_pace(ckpt: checkpoint.Checkpointer, step: int) -> dict | None:
+    """The pace (`progress.Pace.record`) saved with the checkpoint at `step`, which a resumed run
+    carries on; None for a checkpoint saved without one."""
+    return ckpt.description(step).get(PACE)
 
 
 def _stopped_before_training(ckpt: checkpoint.Checkpointer, signal_name: str, step: int,

@@ -507,6 +507,30 @@ def test_signals_during_validation_and_during_its_save_lose_nothing(
 
 
 @pytest.mark.slow
+def test_a_run_stopped_after_its_last_step_summarises_as_an_uninterrupted_one(
+        tmp_path, digits_data_dir, finished_run):
+    """SIGTERM once the last epoch is validated, before the test evaluation: the relaunch trains
+    nothing and writes the uninterrupted run's summary, key for key: the same metrics and learning
+    rate; images/s the median over every log interval measured (all in the first launch); the wall
+    time the first launch's training time (kept in its checkpoint) and the relaunch's."""
+    workdir = tmp_path / "stopped_at_the_end"
+    with preempted_when(lambda step, scalars: step == 60 and "val/loss" in scalars):
+        assert train.train_and_evaluate(_config(digits_data_dir), str(workdir)) is None
+    ckpt = checkpoint.Checkpointer(workdir, keep=1, read_only=True)
+    pace = train.carried_pace(ckpt, 60)
+    ckpt.close()
+    final = train.train_and_evaluate(_config(digits_data_dir), str(workdir))
+    whole = finished_run[1]
+    timings = ("train_images_per_s", "wall_time_s")
+    assert final.keys() == whole.keys() and "learning_rate" in final
+    assert {k: v for k, v in final.items() if k not in timings} == \
+        {k: v for k, v in whole.items() if k not in timings}
+    assert final["train_images_per_s"] == float(np.median(pace["images_per_s"]))
+    assert final["wall_time_s"] > pace["wall_time_s"] > 0
+    assert json.loads((workdir / "summary.json").read_text()) == final
+
+
+@pytest.mark.slow
 def test_permission_denied_while_saving_keeps_the_last_checkpoint(tmp_path, digits_data_dir,
                                                                   finished_run, monkeypatch):
     """A checkpoint folder that became unwritable (EACCES from the write of step 40: a real one needs
