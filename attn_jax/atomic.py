@@ -2,8 +2,10 @@
 version (or nothing), never half a file; and the run's JSON files read back, a damaged one (cut
 short, overwritten or edited outside attn_jax) named in one line."""
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from attn_jax.errors import RunFault, reason
@@ -19,13 +21,45 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with naming(path):
+            _write_whole(tmp, data)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def create_text(path: str | Path, text: str) -> None:
+    """Creates `path` holding `text`, whole or not at all: written to a temporary file in the same
+    folder, then published by a hard link, which fails with FileExistsError, changing nothing, if
+    `path` exists (so of two creators only one succeeds)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with naming(path):
+            _write_whole(tmp, text.encode())
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Within the block, an OSError that names no file (a full disk met while writing, flushing or
+    syncing an open file) is raised naming `path`, the file the caller is writing."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is None or (e.filename is not None and not Path(e.filename).name.startswith(
+                f".{path.name}.")):
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def read_json_object(path: str | Path, fix: str) -> dict:

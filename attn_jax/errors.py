@@ -11,7 +11,9 @@ traceback), exiting with the error's `exit_status`: 2 for input, 1 for a fault.
 import errno
 import functools
 import json
+import os
 import re
+import resource
 
 
 class UserError(Exception):
@@ -28,10 +30,25 @@ class RunFault(UserError):
     exit_status = 1
 
 
-# tensorstore (orbax's storage) reports file-system faults as a status in a ValueError's message.
+# tensorstore (orbax's storage) reports file-system faults as a status in a ValueError's message,
+# which names the OS error where there is one ('RESOURCE_EXHAUSTED: ... local file "DIR": Failed to
+# open directory: "DIR/...": Too many open files'); without one, the status says which fault.
 _TENSORSTORE_FAULTS = {"RESOURCE_EXHAUSTED": (errno.ENOSPC, "No space left on device"),
                        "PERMISSION_DENIED": (errno.EACCES, "Permission denied"),
                        "NOT_FOUND": (errno.ENOENT, "No such file or directory")}
+_OS_FAULTS = (errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+              errno.ENOENT)
+
+
+def _tensorstore_fault(message: str) -> OSError | None:
+    """The file-system fault a tensorstore status message reports, as an OSError, or None."""
+    status = re.match(r"(\w+): .*?file \"([^\"]+)\"", message)
+    if not status or status.group(1) not in _TENSORSTORE_FAULTS:
+        return None
+    code = next((c for c in _OS_FAULTS if os.strerror(c) in message), None)
+    if code is not None:
+        return OSError(code, os.strerror(code), status.group(2))
+    return OSError(*_TENSORSTORE_FAULTS[status.group(1)], status.group(2))
 
 
 def environment_error(error: BaseException) -> OSError | None:
@@ -41,9 +58,8 @@ def environment_error(error: BaseException) -> OSError | None:
     while error is not None and id(error) not in seen:
         if isinstance(error, OSError):
             return error
-        status = re.match(r"(\w+): .*?file \"([^\"]+)\"", str(error))
-        if status and status.group(1) in _TENSORSTORE_FAULTS:
-            return OSError(*_TENSORSTORE_FAULTS[status.group(1)], status.group(2))
+        if (fault := _tensorstore_fault(str(error))) is not None:
+            return fault
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
@@ -54,11 +70,30 @@ RELAUNCH = "fix this, then relaunch the same command"
 
 def describe_environment_error(error: OSError, advice: str = RELAUNCH) -> str:
     """One line for a fault of the machine rather than of the input (a full disk, a folder deleted
-    or made read-only under a run): the path, the cause, and `advice`, what is kept and how to go
-    on (for a training run, `run_guard.relaunch_advice` says it from its workdir)."""
+    or made read-only under a run, too many open files): the path, the cause, and `advice`, what is
+    kept and how to go on (for a training run, `run_guard.relaunch_advice` says it from its
+    workdir)."""
+    if error.errno in (errno.EMFILE, errno.ENFILE):
+        return f"{_open_files(error.errno)}. {advice[0].upper()}{advice[1:]}"
     where = error.filename or "a file of the run"
     cause = error.strerror or str(error) or type(error).__name__
     return f"{where}: {cause}. {advice[0].upper()}{advice[1:]}"
+
+
+def _open_files(code: int) -> str:
+    """The cause and the fix of running out of file descriptors: this process's limit (EMFILE), or
+    the machine's (ENFILE)."""
+    if code == errno.ENFILE:
+        return ("too many open files on this machine (its table of open files is full): close "
+                "other programs, or raise the limit with `sysctl fs.file-max`")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= soft:
+        fix = (f"raise the hard limit (`ulimit -Hn`, here {hard}) as root or in "
+               "/etc/security/limits.conf, then `ulimit -n` before launching")
+    else:
+        most = "unlimited" if hard == resource.RLIM_INFINITY else hard
+        fix = f"raise it with `ulimit -n` before launching (up to {most}, the hard limit)"
+    return f"too many open files: this process may open {soft} (`ulimit -n`); {fix}"
 
 
 def reason(error: BaseException) -> str:

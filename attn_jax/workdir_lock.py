@@ -1,11 +1,13 @@
 """One live run per workdir: `DIR/run.lock` names the process that trains there.
 
-The lock is a file created exclusively (O_CREAT | O_EXCL), holding the host, process id and a
-heartbeat that a background thread renews every `HEARTBEAT_S` seconds. A second run in the same
+The lock is a file holding the host, process id and a heartbeat that a background thread renews
+every `HEARTBEAT_S` seconds. It is created whole or not at all (`atomic.create_text`: a temporary
+file hard-linked to the lock's name, which fails if the name exists) and renewed by an atomic
+rename, so a full disk or a kill never leaves it empty or half-written. A second run in the same
 workdir is refused while the lock is live. A stale lock is taken over, with a line saying so: its
-process is gone (same host), or its heartbeat is older than `STALE_AFTER_S` (another host: workdirs
-live on network filesystems shared by several machines). In a multi-process job only process 0
-holds the lock, for the whole job.
+process is gone (same host), its heartbeat is older than `STALE_AFTER_S` (another host: workdirs
+live on network filesystems shared by several machines), or it cannot be read (empty or damaged:
+no live run wrote it). In a multi-process job only process 0 holds the lock, for the whole job.
 """
 
 import contextlib
@@ -42,7 +44,9 @@ def _alive(pid: int) -> bool:
 
 
 def _stale_reason(holder: dict) -> str | None:
-    """Why the lock of `holder` may be taken over, or None while it is live."""
+    """Why the lock of `holder` ({}: unreadable) may be taken over, or None while it is live."""
+    if not holder:
+        return "it is empty or damaged, so no live run holds it"
     age = time.time() - float(holder.get("heartbeat", 0))
     if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
         return f"its process {holder.get('pid')} on this host is gone"
@@ -51,11 +55,16 @@ def _stale_reason(holder: dict) -> str | None:
     return None
 
 
-def _read(path: Path) -> dict:
+def _read(path: Path) -> dict | None:
+    """The owner recorded in the lock at `path`; {} when it cannot be read (left empty or damaged
+    by an older attn_jax that wrote it in place, or edited); None when there is no lock."""
     try:
-        return json.loads(path.read_text())
+        holder = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError):
-        return {}  # being written, or torn: judged by the file's age below
+        return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 class InUse(UserError):
@@ -64,13 +73,9 @@ class InUse(UserError):
 
 def live_holder(workdir: Path) -> dict | None:
     """The owner (host, pid, heartbeat) of the workdir's live lock, or None: no lock, or a stale
-    one (its process gone, its heartbeat too old)."""
-    path = workdir / LOCK_NAME
-    try:
-        holder = _read(path) or {"heartbeat": path.stat().st_mtime}
-    except OSError:
-        return None
-    return holder if _stale_reason(holder) is None else None
+    one (its process gone, its heartbeat too old, its content unreadable)."""
+    holder = _read(workdir / LOCK_NAME)
+    return holder if holder is not None and _stale_reason(holder) is None else None
 
 
 def acquire(workdir: Path) -> Path:
@@ -78,9 +83,11 @@ def acquire(workdir: Path) -> Path:
     path = workdir / LOCK_NAME
     for _ in range(3):  # a takeover races with at most a few others
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            atomic.create_text(path, json.dumps(_owner()))
+            return path
         except FileExistsError:
-            holder = _read(path) or {"heartbeat": path.stat().st_mtime}
+            if (holder := _read(path)) is None:
+                continue  # released meanwhile
             reason = _stale_reason(holder)
             if reason is None:
                 age = time.time() - float(holder.get("heartbeat", 0))
@@ -88,13 +95,9 @@ def acquire(workdir: Path) -> Path:
                     f"{workdir} is in use by process {holder.get('pid', '?')} on "
                     f"{holder.get('host', '?')} (heartbeat {age:.0f} s ago): wait for that run "
                     f"to end, or use another --workdir") from None
-            print(f"warning: taking over the stale lock {path} of process {holder.get('pid', '?')} "
-                  f"on {holder.get('host', '?')} ({reason})", flush=True)
+            owner = f" of process {holder.get('pid')} on {holder.get('host')}" if holder else ""
+            print(f"warning: taking over the stale lock {path}{owner} ({reason})", flush=True)
             path.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(_owner(), f)
-        return path
     raise UserError(f"could not take the lock {path}: other runs keep taking it; use another --workdir")
 
 
@@ -106,7 +109,11 @@ def hold(workdir: Path) -> Iterator[None]:
         return
     created = [p for p in (workdir, *workdir.parents) if not p.exists()]  # the deepest first
     workdir.mkdir(parents=True, exist_ok=True)
-    path = acquire(workdir)
+    try:
+        path = acquire(workdir)
+    except BaseException:  # refused, or a full disk: leave no folder this launch made
+        _remove_empty(created)
+        raise
     stop = threading.Event()
 
     def beat():

@@ -577,6 +577,22 @@ def test_each_environment_fault_is_one_line_naming_the_path_and_the_cause(code, 
     assert "\n" not in line
 
 
+def test_too_many_open_files_is_one_line_with_the_limit_not_a_full_disk(monkeypatch):
+    """tensorstore reports running out of file descriptors as RESOURCE_EXHAUSTED, as it does a full
+    disk: the line names the OS error its message carries, the process's limit and how to raise it."""
+    import resource
+
+    from attn_jax.errors import describe_environment_error, environment_error
+
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (32, 4096))
+    orbax = ValueError('RESOURCE_EXHAUSTED: Error opening "zarr" driver: Error writing '
+                       '"params/.zarray" in OCDBT database at local file "/run/checkpoints/20/": '
+                       'Failed to open directory: "/run/checkpoints/20/d": Too many open files')
+    assert describe_environment_error(environment_error(orbax)) == (
+        "too many open files: this process may open 32 (`ulimit -n`); raise it with `ulimit -n` "
+        "before launching (up to 4096, the hard limit). Fix this, then relaunch the same command")
+
+
 def test_a_fault_line_says_what_the_training_run_keeps(tmp_path):
     """Its newest committed checkpoint, or none, and then whether its logs stand in the way of a
     fresh start (a relaunch refuses to start afresh over them)."""

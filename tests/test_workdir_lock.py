@@ -1,8 +1,11 @@
 """One live run per workdir: a second run is refused, a stale lock is taken over, the lock goes
 with its run."""
 
+import contextlib
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 import time
@@ -52,3 +55,42 @@ def test_a_failed_start_leaves_no_empty_workdir(tmp_path):
         (tmp_path / "new" / "kept").write_text("")  # written meanwhile, beside the workdir
         raise RuntimeError("e.g. a dataset that is not prepared")
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["kept"]
+
+
+@contextlib.contextmanager
+def _full_disk():
+    """Within the block, writing a byte to any file fails (EFBIG, as a full disk fails with ENOSPC):
+    a file-size limit of 0, its signal ignored."""
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path):
+    """A launch on a full disk fails naming the lock, leaves neither a lock nor the workdir it
+    created, and the same launch succeeds at once when there is space."""
+    workdir = tmp_path / "new"
+    with _full_disk(), pytest.raises(OSError) as raised, workdir_lock.hold(workdir):
+        pass
+    assert raised.value.filename == str(workdir / "run.lock")
+    assert not workdir.exists()
+    with workdir_lock.hold(workdir):
+        assert json.loads((workdir / "run.lock").read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("content", ["", '{"host": "vm", "pi', "[]"])
+def test_an_unreadable_lock_is_taken_over_with_a_line(tmp_path, capsys, content):
+    """An empty or damaged lock (attn_jax writes it whole, so no live run left it so) names no live
+    run: it is taken over at once, not refused as in use."""
+    (tmp_path / "run.lock").write_text(content)
+    assert workdir_lock.live_holder(tmp_path) is None
+    workdir_lock.acquire(tmp_path)
+    assert capsys.readouterr().out == (
+        f"warning: taking over the stale lock {tmp_path / 'run.lock'} (it is empty or damaged, so "
+        "no live run holds it)\n")
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
