@@ -17,6 +17,7 @@ it); nothing there imports it.
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -122,19 +123,23 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str | Path, weigh
     config.init_from starts from; DIR/run.json records the config. Returns the checkpoint's path.
 
     The file is read and every tensor mapped (`interop.patch_convnet.to_params`) before anything
-    is written; a workdir that already holds checkpoints is refused. The optimizer state is fresh;
-    an EMA (config.ema) starts at the imported parameters."""
+    is written; a workdir that already holds a run (its DIR/run.json, a checkpoint past step 0, or
+    a run's outputs) is refused. An import stopped before it wrote DIR/run.json, its last write,
+    is redone afresh over what it left. The optimizer state is fresh; an EMA (config.ema) starts
+    at the imported parameters."""
     if not weights:
         raise UserError("--mode=import needs --weights=FILE.pth, the official state_dict")
     workdir = Path(workdir)
-    if run_guard.saved_steps(workdir) or (workdir / run_record.RECORD).exists():
-        raise UserError(f"{workdir} already holds a run: import into a new --workdir")
+    _check_import_target(workdir)  # before the file is read: a refusal costs nothing
     state_dict = pth.read_state_dict(weights)
     mesh = train.create_mesh() if mesh is None else mesh
     _, _, abstract = initial_state(config, mesh, total_steps=1, abstract=True)
     params = official.to_params(state_dict, abstract.params,  # all or nothing
                                 source=f"--weights={weights}")
     with workdir_lock.hold(workdir):
+        _check_import_target(workdir)  # again, now that no other run can write there
+        if jax.process_index() == 0:  # what a stopped import left: its checkpoint, whole or not
+            shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
         ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
         try:
             state = warm_start.warm_state(abstract, params)
@@ -148,6 +153,15 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str | Path, weigh
         # disk) leaves no record, so relaunching it imports afresh.
         run_record.check_and_record(workdir, config, mesh, resuming=False)
     return ckpt.directory / "0"
+
+
+def _check_import_target(workdir: Path) -> None:
+    """Refuses a workdir holding a run: its record, a checkpoint past step 0 (an import saves only
+    step 0, and records the run after it) or a run's outputs. A new workdir passes, and so does
+    one holding only what a stopped import left."""
+    if ((workdir / run_record.RECORD).exists() or any(run_guard.saved_steps(workdir))
+            or run_guard.run_outputs(workdir) or (workdir / "summary.json").exists()):
+        raise UserError(f"{workdir} already holds a run: import into a new --workdir")
 
 
 @one_line

@@ -387,6 +387,31 @@ def test_import_refuses_a_workdir_with_checkpoints(imported):
         modes.import_weights(smoke_config(1000), tmp / "run", tmp / "official.pth")
 
 
+def test_an_import_stopped_before_it_was_recorded_is_redone_by_the_same_command(
+        imported, tmp_path, monkeypatch):
+    """Killed after its checkpoint was committed but before DIR/run.json, its last write, or while
+    orbax wrote the checkpoint (an uncommitted one left): the same import into the same workdir
+    is done afresh, and then refused as done."""
+    tmp, sd, _ = imported
+    workdir, weights = tmp_path / "run", tmp / "official.pth"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(modes.run_record, "check_and_record", killed)
+        modes.import_weights(smoke_config(1000), workdir, weights)
+    assert (workdir / "checkpoints" / "0").is_dir() and not (workdir / "run.json").exists()
+    (workdir / "checkpoints" / "1.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
+    path = modes.import_weights(smoke_config(1000), workdir, weights)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["0"]
+    back = pth.read_state_dict(modes.export_weights(smoke_config(1000), workdir,
+                                                    tmp_path / "back.pth"))
+    assert all(back[k].tobytes() == sd[k].tobytes() for k in sd)
+    with pytest.raises(UserError, match="already holds a run"):
+        modes.import_weights(smoke_config(1000), path.parent.parent, weights)
+
+
 def test_init_from_keeps_every_parameter_but_a_new_head(imported):
     """Fine-tuning: 1000 classes -> 10, and 32 -> 48 px (the patch grid grows, nothing else)."""
     tmp, sd, _ = imported
