@@ -63,8 +63,8 @@ def exit_on_signals(mode: str) -> None:
     for attend's images, one by one, so nothing half-written is left. An import records its run
     last, so the same command redoes one stopped before that (`modes.import_weights`)."""
     written = {"attend": "stopped; each image it wrote is whole; nothing else changed",
-               "import": "stopped before the import was recorded: relaunch the same command to "
-                         "import afresh"}.get(mode, "stopped before its results were written; "
+               "import": "stopped: relaunch the same command, which finishes the import or "
+                         "finds it finished"}.get(mode, "stopped before its results were written; "
                                                     "nothing else changed")
 
     def stop(signum, frame) -> None:

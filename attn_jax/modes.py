@@ -125,11 +125,14 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str | Path, weigh
     The file is read and every tensor mapped (`interop.patch_convnet.to_params`) before anything
     is written; a workdir that already holds a run (its DIR/run.json, a checkpoint past step 0, or
     a run's outputs) is refused. An import stopped before it wrote DIR/run.json, its last write,
-    is redone afresh over what it left. The optimizer state is fresh; an EMA (config.ema) starts
+    is redone afresh over what it left, and a finished one (the same file and config) is not done
+    again: its checkpoint's path is returned. The optimizer state is fresh; an EMA (config.ema) starts
     at the imported parameters."""
     if not weights:
         raise UserError("--mode=import needs --weights=FILE.pth, the official state_dict")
     workdir = Path(workdir)
+    if (done := _finished_import(config, workdir, weights)) is not None:
+        return done
     _check_import_target(workdir)  # before the file is read: a refusal costs nothing
     state_dict = pth.read_state_dict(weights)
     mesh = train.create_mesh() if mesh is None else mesh
@@ -152,6 +155,25 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str | Path, weigh
         # What `load` reads, once the checkpoint is whole: an import that failed before (a full
         # disk) leaves no record, so relaunching it imports afresh.
         run_record.check_and_record(workdir, config, mesh, resuming=False)
+    return ckpt.directory / "0"
+
+
+def _finished_import(config: ml_collections.ConfigDict, workdir: Path, weights) -> Path | None:
+    """The checkpoint of the finished import of `weights` with `config` in `workdir`, after saying
+    so (relaunching a finished import changes nothing), or None."""
+    if run_guard.saved_steps(workdir) != [0] or not (workdir / run_record.RECORD).exists():
+        return None
+    ckpt = checkpoint.Checkpointer(workdir, keep=1, read_only=True)
+    try:
+        source = ckpt.imported_from(0)
+    finally:
+        ckpt.close()
+    recorded = run_record.read_record(workdir, "it records the imported run: put back a good copy, "
+                                               "or import into a new --workdir")["config"]
+    if source != str(Path(weights).absolute()) or run_record.differences(recorded, config):
+        return None
+    if jax.process_index() == 0:
+        print(f"the import of {weights} into {workdir} is finished: nothing to do", flush=True)
     return ckpt.directory / "0"
 
 

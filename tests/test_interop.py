@@ -381,17 +381,18 @@ def test_a_state_dict_that_does_not_fit_is_one_error_and_writes_nothing(imported
     assert not (tmp_path / "run").exists()
 
 
-def test_import_refuses_a_workdir_with_checkpoints(imported):
-    tmp, _, _ = imported
+def test_import_refuses_a_workdir_with_checkpoints(imported, tmp_path):
+    tmp, sd, _ = imported
+    pth.write_state_dict(tmp_path / "other.pth", sd)  # the same weights, from another file
     with pytest.raises(UserError, match="already holds a run"):
-        modes.import_weights(smoke_config(1000), tmp / "run", tmp / "official.pth")
+        modes.import_weights(smoke_config(1000), tmp / "run", tmp_path / "other.pth")
 
 
 def test_an_import_stopped_before_it_was_recorded_is_redone_by_the_same_command(
         imported, tmp_path, monkeypatch):
     """Killed after its checkpoint was committed but before DIR/run.json, its last write, or while
     orbax wrote the checkpoint (an uncommitted one left): the same import into the same workdir
-    is done afresh, and then refused as done."""
+    is done afresh; once finished, the same import finds it so and another is refused."""
     tmp, sd, _ = imported
     workdir, weights = tmp_path / "run", tmp / "official.pth"
 
@@ -408,8 +409,11 @@ def test_an_import_stopped_before_it_was_recorded_is_redone_by_the_same_command(
     back = pth.read_state_dict(modes.export_weights(smoke_config(1000), workdir,
                                                     tmp_path / "back.pth"))
     assert all(back[k].tobytes() == sd[k].tobytes() for k in sd)
+    assert modes.import_weights(smoke_config(1000), workdir, weights) == path  # finished: kept
+    with pytest.raises(UserError, match="already holds a run"):  # another file, or config
+        modes.import_weights(smoke_config(1000), workdir, tmp_path / "back.pth")
     with pytest.raises(UserError, match="already holds a run"):
-        modes.import_weights(smoke_config(1000), path.parent.parent, weights)
+        modes.import_weights(smoke_config(10), workdir, weights)
 
 
 def test_init_from_keeps_every_parameter_but_a_new_head(imported):
