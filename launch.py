@@ -294,7 +294,6 @@ def _attend(modes, config) -> None:
 
 def _import(modes, config) -> None:
     path = modes.import_weights(config, _WORKDIR.value, _WEIGHTS.value)
-    cli.exit_if_signalled(f"the import into {path} was finished and recorded")
     print(f"imported {_WEIGHTS.value} into {path}: evaluate it with --mode=eval, or fine-tune from it "
           f"with --config.init_from={_WORKDIR.value}")
 

@@ -58,10 +58,12 @@ def exit_on_known_error(error: Exception, point=None, run_workdir: str | Path | 
 
 
 def exit_on_signals(mode: str) -> None:
-    """A SIGTERM or SIGINT stops --mode=`mode` (eval, attend, summary, benchmark, ...) with one line
-    and status 128 + the signal: its outputs are written whole (atomic renames), at its end, but
-    for attend's images, one by one, so nothing half-written is left. An import records its run
-    last, so the same command redoes one stopped before that (`modes.import_weights`)."""
+    """A SIGTERM or SIGINT stops --mode=`mode` (eval, attend, summary, benchmark, ...) at once, with
+    one line and status 128 + the signal, as a kill would: its outputs are written whole (atomic
+    renames), at its end, but for attend's images, one by one, so nothing half-written is left; an
+    import records its run last, so the same command redoes one stopped before that
+    (`modes.import_weights`). It exits without unwinding: an exception raised from the handler
+    could land in a callback of JAX or orbax, which would print it and carry on."""
     written = {"attend": "stopped; each image it wrote is whole; nothing else changed",
                "import": "stopped: relaunch the same command, which finishes the import or "
                          "finds it finished"}.get(mode, "stopped before its results were written; "
@@ -69,24 +71,13 @@ def exit_on_signals(mode: str) -> None:
 
     def stop(signum, frame) -> None:
         del frame
-        _RECEIVED.append(signal.Signals(signum))
+        sys.stdout.flush()
         print(f"received {signal.Signals(signum).name} during --mode={mode}: {written}",
               file=sys.stderr, flush=True)
-        sys.exit(128 + signum)
+        os._exit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
-
-
-_RECEIVED: list[signal.Signals] = []  # by `exit_on_signals`' handler
-
-
-def exit_if_signalled(done: str) -> None:
-    """After a mode's work: a signal whose exit was swallowed where it was raised (inside a library's
-    callback) still stops the process, with a line saying the work was `done` first."""
-    if _RECEIVED:
-        print(f"... {done} before it stopped", file=sys.stderr, flush=True)
-        sys.exit(128 + _RECEIVED[0])
 
 
 def parse_flags(argv: list[str]) -> list[str]:
