@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from attn_jax import atomic, run_guard, workdir_lock
-from attn_jax.errors import UserError
+from attn_jax.errors import RunFault, UserError
 from attn_jax.experiment import load_module
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch.py"
@@ -303,9 +303,15 @@ def write_report(config_arg: str, workdir: Path) -> None:
     for point in points(config_arg):
         summary_path = workdir / point["name"] / "summary.json"
         if summary_path.exists():
-            summary = atomic.read_json_object(
-                summary_path, f"it holds the point's final results: move it away and relaunch "
-                              f"--point={point['name']} to write them again")
+            fix = (f"it holds the point's final results: move it away and relaunch "
+                   f"--point={point['name']} to write them again")
+            summary = atomic.read_json_object(summary_path, fix)
+            for column in COLUMNS:
+                value = summary.get(column)
+                if value is not None and (isinstance(value, bool) or
+                                          not isinstance(value, int | float)):
+                    raise RunFault(f"{summary_path} is damaged ({column} is {value!r}, not a "
+                                   f"number): {fix}")
             rows.append({"name": point["name"], "group": _group(point),
                          **{c: summary.get(c) for c in COLUMNS}})
     table = io.StringIO()

@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT, SMALL_RUN, preempted_when, small_digits_config
 
 from attn_jax import sweep, train
+from attn_jax.errors import RunFault
 
 SWEEP_EXPERIMENT = """
 from attn_jax.experiment import load_module
@@ -59,6 +60,28 @@ def test_a_point_starts_resumes_or_is_skipped_and_forgets_its_last_failure(tmp_p
     assert not point.start()
     assert capsys.readouterr().out.splitlines() == [
         "sweep: starting b", "sweep: resuming b", "sweep: b is finished, skipping"]
+
+
+@pytest.mark.parametrize("content, why", [
+    ('{"test/top1": 0.9', "not valid JSON"),
+    ('[0.9]', "it holds an array, not a JSON object"),
+    ('{"test/top1": "0.9"}', "test/top1 is '0.9', not a number"),
+])
+def test_a_damaged_point_summary_is_one_line_naming_it(tmp_path, content, why):
+    """--collect's report reads every finished point's summary.json: one damaged since it was
+    written (cut short, overwritten, edited) is one line naming it, not a traceback."""
+    experiment = tmp_path / "exp.py"
+    experiment.write_text('def get_sweep(arg=None):\n'
+                          '    return [{"name": "a", "seed": 1}, {"name": "b", "seed": 2}]\n')
+    for name in ("a", "b"):
+        (tmp_path / "sweep" / name).mkdir(parents=True)
+        (tmp_path / "sweep" / name / "summary.json").write_text('{"test/top1": 0.5}')
+    (tmp_path / "sweep" / "b" / "summary.json").write_text(content)
+    with pytest.raises(RunFault) as raised:
+        sweep.write_report(str(experiment), tmp_path / "sweep")
+    assert str(raised.value).startswith(f"{tmp_path / 'sweep' / 'b' / 'summary.json'} is damaged (")
+    assert why in str(raised.value) and str(raised.value).endswith(
+        "move it away and relaunch --point=b to write them again")
 
 
 @pytest.mark.slow
