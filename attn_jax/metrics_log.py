@@ -84,8 +84,12 @@ class MetricsLog:
                 self._latest.update({k: v for k, v in record.items() if k not in ("step", "epoch")})
             atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
             self._jsonl = open(path, "a")  # noqa: SIM115
-        # TensorBoard events by tensorboardX: clu's writers import TensorFlow.
-        self._tensorboard = SummaryWriter(str(self.workdir / "tensorboard")) if self.is_writer else None
+        # TensorBoard events by tensorboardX: clu's writers import TensorFlow. Resuming, TensorBoard
+        # is told to drop the events a crashed launch wrote after the checkpoint (`purge_step`), as
+        # metrics.jsonl drops their lines: each step is shown once, with the values the run kept.
+        purge = None if resume_step is None else resume_step + 1
+        self._tensorboard = (SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge)
+                             if self.is_writer else None)
 
     def info(self, message: str) -> None:
         """A console line (process 0 only)."""

@@ -1,8 +1,10 @@
 """attn_jax/metrics_log.py: metrics.jsonl resumed after a crash, and JSON files written whole."""
 
 import json
+import time
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from attn_jax import metrics_log
 from attn_jax.errors import RunFault, UserError
@@ -28,3 +30,21 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, tiny_config, ca
         path.write_bytes(damaged + b'{"step": 4, "epoch": 1}\n')
         with pytest.raises(RunFault, match=r"metrics.jsonl line 1 is not JSON of a step's metrics"):
             metrics_log.MetricsLog(tmp_path, tiny_config(), resume_step=4)
+
+
+def test_a_resumed_log_shows_each_step_once_in_tensorboard(tmp_path, tiny_config):
+    """A launch that crashed after its checkpoint at step 4 had logged step 6: the relaunch resumes
+    at 4 and logs 6 again. TensorBoard shows step 6 once, the relaunch's, as metrics.jsonl does."""
+    crashed = metrics_log.MetricsLog(tmp_path, tiny_config())
+    for step, loss in ((2, 3.0), (4, 2.0), (6, 1.0)):
+        crashed.write(step, 1, {"train/loss": loss})
+    crashed.close()
+    time.sleep(1.1)  # event files are named by the second they are opened in
+    resumed = metrics_log.MetricsLog(tmp_path, tiny_config(), resume_step=4)
+    resumed.write(6, 1, {"train/loss": 1.5})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(2, 3.0), (4, 2.0), (6, 1.5)]
+    assert [json.loads(line)["train/loss"] for line in
+            (tmp_path / "metrics.jsonl").read_text().splitlines()] == [3.0, 2.0, 1.5]
