@@ -13,8 +13,7 @@ from absl import flags
 from conftest import ROOT
 from PIL import Image
 
-import launch  # defines launch.py's flags on absl's FLAGS
-from attn_jax import cli, sweep
+from attn_jax import cli, launch_flags, sweep  # launch_flags defines launch.py's flags on absl's FLAGS
 from attn_jax.errors import RunFault, UserError
 from attn_jax.workdir_lock import InUse
 
@@ -22,13 +21,13 @@ EXPERIMENT = f"--config={ROOT / 'experiments' / 'eanet.py'}"  # it has a get_swe
 
 
 def _flag_error(*args: str) -> str | None:
-    """launch.check_flags on the command line `args`, parsed in this process (config_flags reads
+    """launch_flags.check_flags on the command line `args`, parsed in this process (config_flags reads
     the --config.KEY overrides from sys.argv)."""
     argv = ["launch.py", EXPERIMENT, *args]
     saved = sys.argv
     try:
         sys.argv = argv
-        return launch.check_flags(flags.FLAGS(argv))
+        return launch_flags.check_flags(flags.FLAGS(argv))
     finally:
         sys.argv = saved
         flags.FLAGS.unparse_flags()
