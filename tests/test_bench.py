@@ -154,7 +154,7 @@ def test_a_fast_step_counts_the_flops_of_its_reference_form(monkeypatch, attenti
     own, counted = {}, {}
     for impl in ("reference", "fast"):
         config = _tiny_eanet(attention, impl)
-        _, state, train_key = steps.initial_state(config, mesh)
+        _, state, train_key = steps.initial_state(config, mesh, abstract=True)  # shapes suffice
         train_fn = train.jit_train_step(config, mesh)
         batch = steps.synthetic_batch(config.batch_size, (16, 16, 3), 100, mesh)
         stats = steps.placeholder_stats(config)

@@ -84,7 +84,7 @@ def test_self_attention_matches_keras_multi_head_attention():
 def test_output_shapes(attention):
     model = eanet.EANet(**{**TINY, "attention": attention})
     images = jax.random.uniform(jax.random.key(0), (3, 16, 16, 3))
-    variables = model.init(jax.random.key(1), images, train=False)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), images)
     logits, attn = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
     assert logits.shape == (3, 5) and logits.dtype == jnp.float32
     assert attn is None
@@ -102,7 +102,7 @@ def test_memory_slots_is_one_field():
 def test_dropout_only_in_training():
     model = eanet.EANet(**TINY)
     images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
-    variables = model.init(jax.random.key(1), images, train=False)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), images)
 
     @jax.jit
     def forward(dropout_rng):

@@ -40,11 +40,14 @@ def in_chunks(monkeypatch):
 def assert_same_function(reference: nn.Module, candidate: nn.Module, x: jax.Array, compare=close,
                          **call):
     """Same parameters from the same key; same output and same gradients (parameters and input)
-    in training, with dropout (equal by `compare`); and the dropout did drop something."""
-    init = functools.partial(reference.init, jax.random.key(1), x, **call)
-    params = init(**_mode(reference, train=False))["params"]
-    candidate_params = candidate.init(jax.random.key(1), x, **call,
-                                      **_mode(candidate, train=False))["params"]
+    in training, with dropout (equal by `compare`); and the dropout did drop something.
+
+    Each computation is jitted: one compile of the whole model costs a fraction of running it
+    eagerly, one compile per operation."""
+    params, candidate_params = (
+        jax.jit(functools.partial(module.init, **call, **_mode(module, train=False)))(
+            jax.random.key(1), x)["params"]
+        for module in (reference, candidate))
     assert jax.tree.structure(candidate_params) == jax.tree.structure(params)
     jax.tree.map(np.testing.assert_array_equal, candidate_params, params)
 
@@ -54,12 +57,12 @@ def assert_same_function(reference: nn.Module, candidate: nn.Module, x: jax.Arra
         y = y[0] if isinstance(y, tuple) else y
         return jnp.sum(jnp.sin(y)), y
 
-    expected = jax.value_and_grad(functools.partial(loss, reference), argnums=(0, 1),
-                                  has_aux=True)(params, x)
-    got = jax.value_and_grad(functools.partial(loss, candidate), argnums=(0, 1),
-                             has_aux=True)(params, x)
+    expected = jax.jit(jax.value_and_grad(functools.partial(loss, reference), argnums=(0, 1),
+                                          has_aux=True))(params, x)
+    got = jax.jit(jax.value_and_grad(functools.partial(loss, candidate), argnums=(0, 1),
+                                     has_aux=True))(params, x)
     jax.tree.map(compare, got, expected)
-    without_dropout = loss(reference, params, x, train=False)[1]
+    without_dropout = jax.jit(functools.partial(loss, reference, train=False))(params, x)[1]
     assert np.abs(expected[0][1] - without_dropout).max() > 1e-3  # dropout was applied
 
 
@@ -203,9 +206,9 @@ def test_folded_class_attention():
                              mlp_dropout=0.0)
     reference, candidate = make(), make(class_attention=fast.folded_class_attention)
     x = jax.random.normal(jax.random.key(0), (3, 7, 8))
-    params = reference.init(jax.random.key(1), x, train=False)["params"]
-    jax.tree.map(np.testing.assert_array_equal,
-                 candidate.init(jax.random.key(1), x, train=False)["params"], params)
+    params, candidate_params = (jax.jit(functools.partial(module.init, train=False))(
+        jax.random.key(1), x)["params"] for module in (reference, candidate))
+    jax.tree.map(np.testing.assert_array_equal, candidate_params, params)
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(2), len(leaves))
     params = jax.tree.unflatten(tree, [leaf + 0.5 * jax.random.normal(k, leaf.shape)
@@ -216,17 +219,17 @@ def test_folded_class_attention():
                                       rngs={"dropout": jax.random.key(3)})
         return jnp.sum(jnp.sin(cls)) + jnp.sum(jnp.cos(7 * attention)), (cls, attention)
 
-    expected = jax.value_and_grad(functools.partial(loss, reference), (0, 1), has_aux=True)(
-        params, x)
-    got = jax.value_and_grad(functools.partial(loss, candidate), (0, 1), has_aux=True)(params, x)
+    expected, got = (jax.jit(jax.value_and_grad(functools.partial(loss, module), (0, 1),
+                                                has_aux=True))(params, x)
+                     for module in (reference, candidate))
     jax.tree.map(close, got, expected)
     assert np.abs(expected[1][0]["key"]["kernel"]).max() > 1e-3  # the key's gradient is tested
-    undropped = reference.apply({"params": params}, x, train=False)[0]
+    undropped = jax.jit(functools.partial(reference.apply, train=False))({"params": params}, x)[0]
     assert np.abs(expected[0][1][0] - undropped).max() > 1e-3  # dropout was applied
 
     # computed in bfloat16: equal within its rounding (8 bits of mantissa)
-    want, got = (make(dtype=jnp.bfloat16, class_attention=attention).apply(
-                     {"params": params}, x, train=False)[0]
+    want, got = (jax.jit(functools.partial(make(dtype=jnp.bfloat16, class_attention=attention)
+                                           .apply, train=False))({"params": params}, x)[0]
                  for attention in (patch_convnet_tutorial.reference_class_attention,
                                    fast.folded_class_attention))
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * float(np.abs(want).max()))

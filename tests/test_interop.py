@@ -304,10 +304,11 @@ def test_no_position_embedding_so_any_image_size_works():
     model = pc.S60(num_classes=10, drop_path_rate=0.0, attention_dropout=0.0, dim=32, depth=1,
                    stem_convs=2)
     sd = random_state_dict(_shapes(model, 32))
+    apply = jax.jit(model.apply, static_argnames="train")
     for size in (32, 48):  # 16 and 36 patches: the same parameters
         params = official.to_params(sd, _shapes(model, size))
         images = np.zeros((1, size, size, 3), np.float32)
-        logits, attention = model.apply({"params": params}, images, train=False)
+        logits, attention = apply({"params": params}, images, train=False)
         assert logits.shape == (1, 10) and attention.shape == (1, (size // 4) ** 2)
         want, _ = official_forward(sd, images.transpose(0, 3, 1, 2), 2, 1)
         np.testing.assert_allclose(logits, want, atol=1e-5, rtol=1e-5)

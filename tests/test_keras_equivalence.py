@@ -206,7 +206,8 @@ def patch_convnet_pair(tie: bool) -> Pair:
     randomise(keras_model, seed=2)
     model = registry.create_model(config, NUM_CLASSES, impl="reference")  # fast: its own test
     mapping = patch_convnet_mapping(keras_model, tie)
-    params = model.init(jax.random.key(0), images[:1], train=False)["params"]
+    params = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0),
+                                                                 images[:1])["params"]
     params = copy_weights(keras_model, mapping, params)
     block = "TrunkBlock_shared" if tie else "TrunkBlock_0"
     swaps = [(f"{block}/Conv_0", f"{block}/Conv_2"),  # the two 1x1 convs
@@ -236,7 +237,8 @@ def eanet_pair(experiment: str, **fields) -> Pair:
     model = registry.create_model(config, NUM_CLASSES, impl="reference")  # fast: its own test
     images = _images(16)  # 2x2 patches -> 64 tokens
     mapping = eanet_mapping(record, c.attention)
-    params = model.init(jax.random.key(0), images[:1], train=False)["params"]
+    params = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0),
+                                                                 images[:1])["params"]
     params = copy_weights(keras_model, mapping, params)
     swaps = [("block0", "block1"), ("block0/LayerNorm_0", "block0/LayerNorm_1"),
              ("block0/Mlp_0/Dense_0", "block0/Mlp_0/Dense_1")]  # mlp_dim = dim

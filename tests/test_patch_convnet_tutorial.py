@@ -102,7 +102,7 @@ def test_shapes_and_attention_map():
     config.model.dim = 32
     model = registry.create_model(config, 10)
     images = jax.random.uniform(jax.random.key(0), (3, 48, 48, 3))
-    variables = model.init(jax.random.key(1), images, train=False)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), images)
     # Randomise the zero-initialised class token so the attention is not uniform.
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: jax.random.normal(jax.random.key(2), x.shape)
@@ -121,7 +121,7 @@ def test_dropout_only_in_training():
     config.model.dim = 16
     model = registry.create_model(config, 10)
     images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
-    variables = model.init(jax.random.key(1), images, train=False)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), images)
     apply = jax.jit(model.apply, static_argnames="train")
     eval_a = apply(variables, images, train=False)[0]
     eval_b = apply(variables, images, train=False)[0]
