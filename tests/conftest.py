@@ -218,9 +218,10 @@ def random_batches(n: int, size: int = 16) -> list[dict]:
              "mask": np.ones(size, bool)} for _ in range(n)]
 
 
-def run_steps(config, mesh, batches):
+def run_steps(config, mesh, batches, evaluated: bool = True):
     """Losses of consecutive train steps on `mesh`, from the same initial state (16x16 inputs, 10
-    classes), and the eval metrics of the last state on the first batch."""
+    classes), and the eval metrics of the last state on the first batch (None where not
+    `evaluated`: the eval step is then not compiled)."""
     import jax
 
     from attn_jax import data, optimizer, registry, train
@@ -230,10 +231,12 @@ def run_steps(config, mesh, batches):
     schedule = optimizer.create_learning_rate_fn(config.optimizer, 10)
     tx = optimizer.create_optimizer(config.optimizer, schedule)
     state = create_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh)
-    train_fn, eval_fn = train.jit_train_step(config, mesh), train.jit_eval_step(config, mesh)
+    train_fn = train.jit_train_step(config, mesh)
     losses = []
     for batch in batches:
         state, sums = train_fn(state, data.to_global(batch, mesh), jax.random.key(1), None)
         losses.append(float(sums["loss"]) / float(sums["count"]))
-    final_eval = train.means(eval_fn(state, data.to_global(batches[0], mesh), None))
-    return losses, final_eval
+    if not evaluated:
+        return losses, None
+    eval_fn = train.jit_eval_step(config, mesh)
+    return losses, train.means(eval_fn(state, data.to_global(batches[0], mesh), None))

@@ -19,9 +19,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _reference(config, workdir):
-    """One process on 8 devices: the training order does not depend on the process count."""
-    train.train_and_evaluate(config, str(workdir))
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, digits_data_dir):
+    """(train losses, validation record) of the small run in one process on 8 devices, its split on
+    the devices: the training order depends neither on the process count nor on the feed (a
+    streamed run resumes a resident one bitwise: test_checkpoint.py), so both cases compare to it."""
+    workdir = tmp_path_factory.mktemp("one_process")
+    train.train_and_evaluate(small_digits_config(digits_data_dir), str(workdir))
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [r["train/loss"] for r in records if "train/loss" in r], next(
         r for r in records if "val/loss" in r)
@@ -29,10 +33,9 @@ def _reference(config, workdir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("resident_limit_mib", [None, 0], ids=["resident", "streamed"])
-def test_two_processes_match_one(tmp_path, digits_data_dir, resident_limit_mib):
+def test_two_processes_match_one(tmp_path, digits_data_dir, one_process, resident_limit_mib):
     """Each process holds the split (resident) or reads its rows of every global batch (streamed)."""
     overrides = {**SMALL_RUN, "dataset.resident_limit_mib": resident_limit_mib}
-    config = small_digits_config(digits_data_dir, overrides)
     flags = [f"--config.{k}={v}" for k, v in overrides.items() if v is not None]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     env.pop("JAX_COMPILATION_CACHE_DIR")  # two processes sharing conftest's cache aborted (SIGABRT)
@@ -53,7 +56,7 @@ def test_two_processes_match_one(tmp_path, digits_data_dir, resident_limit_mib):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     two_losses = [r["train/loss"] for r in records if "train/loss" in r]
     val = next(r for r in records if "val/loss" in r)
-    one_losses, one_val = _reference(config, tmp_path / "reference")
+    one_losses, one_val = one_process
     assert len(two_losses) == 10  # 160 // 16 steps, one log line each
     np.testing.assert_allclose(two_losses, one_losses, rtol=1e-5)
     assert val["val/examples"] == one_val["val/examples"] == 37  # 19 + 18 over the two processes

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from conftest import random_batches, run_steps
+from conftest import random_batches, run_steps, tiny_patch_convnet_config
 
 from attn_jax import mixing, train
 
@@ -92,14 +92,23 @@ MODERN_STACK = {"preprocess.randaugment_ops": 2, "preprocess.randaugment_magnitu
                 "mixup.mixup_alpha": 0.8, "mixup.cutmix_alpha": 1.0}
 
 
-@pytest.mark.slow  # two 8-device and two 1-device compilations of the whole stack: 10 s each
+@pytest.fixture(scope="module")
+def plain_losses() -> list[float]:
+    """The losses of the steps of the modern-stack test without the stack (one compile for both
+    of its cases)."""
+    losses, _ = run_steps(tiny_patch_convnet_config(), train.create_mesh(), random_batches(2),
+                          evaluated=False)
+    return losses
+
+
+@pytest.mark.slow  # an 8-device and a 1-device compilation of the whole stack: 10 s each
 @pytest.mark.parametrize("switch_prob", [0.0, 1.0], ids=["mixup", "cutmix"])
-def test_eight_devices_match_one_device_with_the_modern_stack(tiny_config, switch_prob):
+def test_eight_devices_match_one_device_with_the_modern_stack(tiny_config, switch_prob,
+                                                               plain_losses):
     assert jax.device_count() == 8, "conftest.py fakes 8 CPU devices"
     config = tiny_config(**MODERN_STACK, **{"mixup.switch_prob": switch_prob})
     batches = random_batches(2)
-    one_losses, _ = run_steps(config, train.create_mesh(jax.devices()[:1]), batches)
-    eight_losses, _ = run_steps(config, train.create_mesh(), batches)
+    one_losses, _ = run_steps(config, train.create_mesh(jax.devices()[:1]), batches, evaluated=False)
+    eight_losses, _ = run_steps(config, train.create_mesh(), batches, evaluated=False)
     np.testing.assert_allclose(eight_losses, one_losses, rtol=2e-5)
-    plain_losses, _ = run_steps(tiny_config(), train.create_mesh(), batches)
     assert not np.allclose(plain_losses, one_losses)  # the stack did change the inputs
