@@ -5,7 +5,7 @@ short, overwritten or edited outside attn_jax) named in one line."""
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from attn_jax.errors import RunFault, reason
@@ -28,18 +28,23 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def create_text(path: str | Path, text: str) -> None:
-    """Creates `path` holding `text`, whole or not at all: written to a temporary file in the same
-    folder, then published by a hard link, which fails with FileExistsError, changing nothing, if
-    `path` exists (so of two creators only one succeeds)."""
+def create(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Creates `path` whole or not at all: `write(temporary)` in the same folder, then the temporary
+    published by a hard link, which fails with FileExistsError, changing nothing, if `path` exists
+    (so of two creators only one succeeds); the temporary goes either way."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with naming(path):
-            _write_whole(tmp, text.encode())
+            write(tmp)
             os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def create_text(path: str | Path, text: str) -> None:
+    """`create` of a file holding `text`."""
+    create(path, lambda tmp: _write_whole(tmp, text.encode()))
 
 
 def _write_whole(path: Path, data: bytes) -> None:

@@ -16,7 +16,6 @@ it); nothing there imports it.
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -208,17 +207,12 @@ def export_weights(config: ml_collections.ConfigDict, workdir: str | Path, weigh
 
 def _write_new_file(path: Path, write) -> None:
     """`write(temporary)` then the temporary published as `path` whole, never over a file that
-    appeared meanwhile (a hard link fails on an existing name); the temporary goes either way."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    appeared meanwhile (`atomic.create`)."""
     try:
-        write(temporary)
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            raise UserError(f"--weights={path} exists: export writes a new file, choose another "
-                            "name") from None
-    finally:
-        temporary.unlink(missing_ok=True)
+        atomic.create(path, write)
+    except FileExistsError:
+        raise UserError(f"--weights={path} exists: export writes a new file, choose another "
+                        "name") from None
 
 
 @dataclasses.dataclass
